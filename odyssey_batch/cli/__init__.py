@@ -1,0 +1,1 @@
+"""The ``odyssey-batch`` command line."""

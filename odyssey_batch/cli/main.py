@@ -1,0 +1,356 @@
+"""``odyssey-batch``: every stage of the pipeline as a command.
+
+Each command prints a short human summary, or a JSON object with ``--json``. Long work shows a progress bar
+on stderr. Configuration comes from ``ODYSSEY_*`` environment variables or ``$ODYSSEY_HOME/odyssey.toml``.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from odyssey_batch import __version__
+from odyssey_batch.cli.output import IngestProgress, console, emit_json, err_console, table
+from odyssey_batch.settings import Settings, load_settings
+
+app = typer.Typer(
+    name="odyssey-batch",
+    help=(
+        "Hospital batch pipeline: FHIR R4 exports -> Postgres warehouse -> EHRMamba -> nightly risk scores.\n\n"
+        "Without ODYSSEY_DATABASE_URL every command uses a private embedded Postgres server under "
+        "ODYSSEY_HOME (default ~/.odyssey). Start with `odyssey-batch demo`."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="The warehouse: where it is, its schema, the embedded server.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the human summary.")]
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except (ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"odyssey-batch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------------------- db
+@db_app.command("url")
+def db_url() -> None:
+    """Print the libpq URL of the warehouse in use (starting the embedded server if needed).
+
+    Use it with psql: `psql "$(odyssey-batch db url)"`.
+    """
+    from odyssey_batch.warehouse import database_url
+
+    print(database_url(_settings()))
+
+
+@db_app.command("upgrade")
+def db_upgrade(json_output: JsonOption = False) -> None:
+    """Apply the schema migrations in `sql/` that the warehouse does not have yet (safe to run twice)."""
+    from odyssey_batch.warehouse import applied_migrations, database_url, redact, upgrade
+
+    url = database_url(_settings())
+    done = upgrade(url)
+    applied = applied_migrations(url)
+    if json_output:
+        emit_json({"applied_now": [m.version for m in done], "schema_version": max(applied, default=0)})
+        return
+    names = ", ".join(f"{m.version:04d}_{m.name}" for m in done) or "nothing (already up to date)"
+    console.print(f"Applied {names}. Schema version {max(applied, default=0)} at {redact(url)}.")
+
+
+@db_app.command("start")
+def db_start() -> None:
+    """Start the embedded Postgres server (no-op when a database URL is configured or it is running)."""
+    from odyssey_batch.warehouse import database_url, redact
+
+    settings = _settings()
+    url = database_url(settings)
+    where = "configured server" if not settings.embedded else "embedded server"
+    console.print(f"Warehouse ({where}) is up: {redact(url)}")
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded Postgres server cleanly. Its data stays under ODYSSEY_HOME/postgres."""
+    from odyssey_batch.warehouse import embedded
+
+    stopped = embedded.stop(_settings())
+    console.print("Embedded server stopped." if stopped else "Embedded server was not running.")
+
+
+@db_app.command("status")
+def db_status(json_output: JsonOption = False) -> None:
+    """Show which warehouse is configured and whether the embedded server runs."""
+    from odyssey_batch.warehouse import embedded, redact
+
+    settings = _settings()
+    state = embedded.status(settings)
+    data: dict[str, Any] = {
+        "mode": "embedded" if settings.embedded else "external",
+        "database_url": redact(settings.database_url) if settings.database_url else state.url,
+        "embedded_data_dir": str(state.data_dir),
+        "embedded_initialized": state.initialized,
+        "embedded_running": state.running,
+    }
+    if json_output:
+        emit_json(data)
+        return
+    for key, value in data.items():
+        console.print(f"{key:22} {value}")
+
+
+# ----------------------------------------------------------------------------------------------- ingest
+def _print_ingest_summary(result: dict[str, Any]) -> None:
+    rows = [
+        [t, c["records"], c["loaded"], c["unchanged"], c["quarantined"]]
+        for t, c in sorted(result.get("by_type", {}).items())
+    ]
+    console.print(table(f"Ingest run {result['run_id']}: {result['source']}",
+                        ["resource type", "read", "loaded", "unchanged", "quarantined"], rows))  # fmt: skip
+    console.print(
+        f"\n[bold]{result['records']:,}[/] resources read = [green]{result['loaded']:,} loaded[/] "
+        f"({result['inserted']:,} new, {result['updated']:,} updated) + {result['unchanged']:,} unchanged + "
+        f"[{'red' if result['quarantined'] else 'green'}]{result['quarantined']:,} quarantined[/]"
+        f" in {result['seconds']:.1f} s ({result['resources_per_s']:,.0f} resources/s)."
+    )
+    if result.get("quarantine_reasons"):
+        reasons = ", ".join(f"{k} {v:,}" for k, v in result["quarantine_reasons"].items())
+        console.print(f"Quarantine reasons: {reasons}. Inspect: odyssey-batch quarantine --run-id {result['run_id']}")
+    if result.get("manifest_mismatches"):
+        for m in result["manifest_mismatches"]:
+            console.print(f"[yellow]manifest count mismatch:[/] {m['file']}: manifest says {m['manifest_count']:,}, "
+                          f"read {m['records']:,}")  # fmt: skip
+    normalized = result.get("normalized", {})
+    if normalized:
+        console.print("Normalized rows written: " + ", ".join(f"ehr.{k} {v:,}" for k, v in normalized.items()))
+    for key, label in (("unresolved_encounter_refs", "encounter references that resolve nowhere (cleared)"),
+                       ("unresolved_medication_refs", "medication references that resolve nowhere")):  # fmt: skip
+        if result.get(key):
+            console.print(f"[yellow]{result[key]:,} {label}[/]")
+
+
+@app.command()
+def ingest(
+    source: Annotated[str, typer.Argument(help="Export folder, single file, or s3://bucket/prefix.")],
+    workers: Annotated[int, typer.Option(help="Validation worker processes (0 = one per CPU core).")] = -1,
+    chunk_lines: Annotated[int, typer.Option(help="NDJSON lines per unit of work (bounds memory).")] = 0,
+    json_output: JsonOption = False,
+) -> None:
+    """Load a FHIR R4 export into the warehouse.
+
+    Reads Bulk Data NDJSON (`Patient.ndjson`, `Patient.000.ndjson.gz`, with or without `manifest.json`) and
+    Bundles (`*.json[.gz]`). Every resource is validated with fhir.resources; failures go to
+    `ops.quarantine` with file, line and reason while the rest loads. The run becomes visible in one
+    transaction; running the same export again changes nothing.
+    """
+    from odyssey_batch.ingest import ingest as run_ingest
+    from odyssey_batch.ingest.discover import ManifestError
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = _settings()
+    overrides: dict[str, Any] = {}
+    if workers >= 0:
+        overrides["ingest_workers"] = workers
+    if chunk_lines > 0:
+        overrides["ingest_chunk_lines"] = chunk_lines
+    settings = settings.with_overrides(**overrides)
+    url = database_url(settings)
+    upgrade(url)
+    try:
+        with IngestProgress(enabled=not json_output) as progress:
+            result = run_ingest(source, settings, url=url, progress=progress)
+    except (FileNotFoundError, ManifestError, ValueError) as exc:
+        err_console.print(f"[red]ingest failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+    data = result.as_dict()
+    if json_output:
+        emit_json(data)
+    else:
+        _print_ingest_summary(data)
+
+
+@app.command()
+def runs(
+    limit: Annotated[int, typer.Option(help="How many recent runs to show.")] = 10,
+    json_output: JsonOption = False,
+) -> None:
+    """List recent ingest runs with their status and reconciled counts."""
+    from odyssey_batch.warehouse import connect, database_url, upgrade
+
+    url = database_url(_settings())
+    upgrade(url)
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                """SELECT run_id, source, status, started_at, finished_at, counts, error
+                   FROM ops.ingest_run ORDER BY run_id DESC LIMIT %s""",
+                (limit,),
+            )
+            rows = cur.fetchall()
+    finally:
+        conn.close()
+    data = [
+        {
+            "run_id": r[0],
+            "source": r[1],
+            "status": r[2],
+            "started_at": r[3],
+            "finished_at": r[4],
+            **{k: r[5].get(k) for k in ("records", "loaded", "unchanged", "quarantined")},
+            "error": r[6],
+        }
+        for r in rows
+    ]
+    if json_output:
+        emit_json(data)
+        return
+    columns = ["run", "status", "started", "read", "loaded", "unchanged", "quarantined", "source"]
+    rendered = [
+        [d["run_id"], d["status"], f"{d['started_at']:%Y-%m-%d %H:%M}"]
+        + [d[k] or 0 for k in ("records", "loaded", "unchanged", "quarantined")]
+        + [d["source"]]
+        for d in data
+    ]
+    console.print(table("Ingest runs", columns, rendered))
+
+
+@app.command()
+def quarantine(
+    run_id: Annotated[int | None, typer.Option(help="Run to inspect (default: the latest run).")] = None,
+    examples: Annotated[int, typer.Option(help="Example rows to show per reason.")] = 3,
+    json_output: JsonOption = False,
+) -> None:
+    """Summarize what a run quarantined: counts per reason, with file, line and message examples.
+
+    The original text of every quarantined line is in `ops.quarantine.raw_text` (and `raw_bytes` when it
+    was not valid UTF-8).
+    """
+    from odyssey_batch.warehouse import connect, database_url, upgrade
+
+    url = database_url(_settings())
+    upgrade(url)
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            if run_id is None:
+                cur.execute("SELECT max(run_id) FROM ops.ingest_run")
+                run_id = cur.fetchone()[0]
+            cur.execute(
+                """SELECT reason, kind, count(*),
+                          (array_agg(jsonb_build_object('source', source, 'line_no', line_no, 'error', error)
+                                     ORDER BY source, line_no))[1:%s]
+                   FROM ops.quarantine WHERE run_id = %s GROUP BY reason, kind ORDER BY 3 DESC""",
+                (examples, run_id),
+            )
+            rows = cur.fetchall()
+    finally:
+        conn.close()
+    data = {
+        "run_id": run_id,
+        "reasons": [{"reason": r[0], "kind": r[1], "count": r[2], "examples": r[3]} for r in rows],
+    }
+    if json_output:
+        emit_json(data)
+        return
+    if not rows:
+        console.print(f"Run {run_id} quarantined nothing.")
+        return
+    for item in data["reasons"]:
+        console.print(f"[bold]{item['reason']}[/] ({item['kind']}): {item['count']:,}")
+        for ex in item["examples"]:
+            line = f":{ex['line_no']}" if ex["line_no"] is not None else ""
+            console.print(f"    {ex['source']}{line}  {ex['error']}")
+
+
+# ------------------------------------------------------------------------------------------------- demo
+def example_export() -> Path:
+    """The tiny hand-written export shipped with the package."""
+    return Path(str(resources.files("odyssey_batch") / "examples" / "tiny_export"))
+
+
+@app.command()
+def demo(json_output: JsonOption = False) -> None:
+    """Run every stage built so far on the embedded Postgres, and show what each did.
+
+    Always uses the embedded server under ODYSSEY_HOME (never a configured production warehouse).
+    Today: start the server, migrate the schema, ingest the example export shipped with the package.
+    """
+    from odyssey_batch.ingest import ingest as run_ingest
+    from odyssey_batch.warehouse import connect, upgrade
+    from odyssey_batch.warehouse import embedded as embedded_server
+
+    settings = _settings().with_overrides(database_url="")
+    steps: dict[str, Any] = {}
+    if not json_output:
+        console.rule("[bold]odyssey-batch demo")
+        console.print(f"Starting the embedded Postgres server under {settings.home} ...")
+    url = embedded_server.start(settings)
+    steps["warehouse"] = {"url": url, "migrations_applied": [m.version for m in upgrade(url)]}
+    if not json_output:
+        console.print(f"Warehouse ready: {url}\n")
+        console.rule("[bold]1. Ingest")
+    with IngestProgress(enabled=not json_output) as progress:
+        result = run_ingest(str(example_export()), settings, url=url, progress=progress)
+    steps["ingest"] = result.as_dict()
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            counts = {}
+            for name in ("fhir.resource", "ehr.patient", "ehr.encounter", "ehr.condition", "ehr.procedure",
+                         "ehr.medication_request", "ehr.observation", "ops.quarantine"):  # fmt: skip
+                cur.execute(f"SELECT count(*) FROM {name}")
+                counts[name] = cur.fetchone()[0]
+    finally:
+        conn.close()
+    steps["tables"] = counts
+    if json_output:
+        emit_json(steps)
+        return
+    _print_ingest_summary(steps["ingest"])
+    console.print()
+    console.print(table("Warehouse tables now", ["table", "rows"], [[k, v] for k, v in counts.items()]))
+    console.print(
+        "\nExplore it with SQL:\n"
+        f'  psql "{url}" -c "SELECT class_code, count(*) FROM ehr.encounter GROUP BY 1"\n'
+        "Stop the server with `odyssey-batch db stop`."
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""How commands talk to people and machines: rich summaries on stdout, progress on stderr, or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    out = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
+    for i, name in enumerate(columns):
+        out.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        out.add_row(*[f"{v:,}" if isinstance(v, int) else str(v) for v in row])
+    return out
+
+
+class IngestProgress:
+    """A progress bar over the bytes of the export (compressed size), on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and err_console.is_terminal
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[records]:,} resources"),
+            console=err_console,
+            transient=True,
+        )
+        self.task: Any = None
+        self.records = 0
+        self.files_done = 0
+        self.total_files = 0
+
+    def __enter__(self) -> IngestProgress:
+        if self.enabled:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+    def start(self, total_bytes: int, total_files: int) -> None:
+        self.total_files = total_files
+        if self.enabled:
+            self.task = self.bar.add_task(f"files 0/{total_files}", total=total_bytes, records=0)
+
+    def advance(self, nbytes: int) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, nbytes)
+
+    def file_done(self, name: str, records: int) -> None:
+        self.records += records
+        self.files_done += 1
+        if self.task is not None:
+            self.bar.update(self.task, description=f"files {self.files_done}/{self.total_files}", records=self.records)
+
+    def phase(self, description: str) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, description=description)

@@ -1,0 +1,67 @@
+"""Code systems and choosing the coding of a CodeableConcept.
+
+A CodeableConcept may carry several codings in any order. We pick by system, not by position: the preferred
+systems for the resource type first (e.g. LOINC for observations), then any other coding with a code. Known
+system URIs get short names, which later become token prefixes (``LOINC:2160-0``); codings with no system
+are ``LOCAL``; other systems keep their URI so that nothing collides and data-quality checks can see them.
+"""
+
+from __future__ import annotations
+
+SYSTEM_NAMES: dict[str, str] = {
+    "http://snomed.info/sct": "SNOMED",
+    "http://loinc.org": "LOINC",
+    "http://www.nlm.nih.gov/research/umls/rxnorm": "RXNORM",
+    "http://hl7.org/fhir/sid/icd-10-cm": "ICD10CM",
+    "http://hl7.org/fhir/sid/icd-10": "ICD10",
+    "http://www.cms.gov/Medicare/Coding/ICD10": "ICD10PCS",
+    "http://hl7.org/fhir/sid/icd-10-pcs": "ICD10PCS",
+    "http://hl7.org/fhir/sid/icd-9-cm": "ICD9CM",
+    "http://www.ama-assn.org/go/cpt": "CPT",
+    "http://hl7.org/fhir/sid/ndc": "NDC",
+    "http://hl7.org/fhir/sid/cvx": "CVX",
+}
+LOCAL = "LOCAL"
+UCUM = "http://unitsofmeasure.org"
+
+PREFERRED: dict[str, tuple[str, ...]] = {
+    "Condition": ("ICD10CM", "ICD10", "SNOMED", "ICD9CM"),
+    "Procedure": ("SNOMED", "ICD10PCS", "CPT", "ICD9CM"),
+    "Medication": ("RXNORM", "NDC", "SNOMED"),
+    "Observation": ("LOINC", "SNOMED"),
+    "Encounter": ("SNOMED", "CPT"),
+}
+
+
+def system_name(uri: str | None) -> str:
+    if not uri:
+        return LOCAL
+    return SYSTEM_NAMES.get(uri, uri)
+
+
+def pick_coding(concept: object, kind: str) -> tuple[str, str, str | None] | None:
+    """``(code_system, code, display)`` of the best coding of a CodeableConcept, or None if none has a code."""
+    if not isinstance(concept, dict):
+        return None
+    codings = [c for c in concept.get("coding") or () if isinstance(c, dict) and c.get("code")]
+    if not codings:
+        return None
+    preference = PREFERRED.get(kind, ())
+
+    def rank(item: tuple[int, dict]) -> tuple[int, int]:
+        position, coding = item
+        name = system_name(coding.get("system"))
+        return (preference.index(name) if name in preference else len(preference), position)
+
+    _, best = min(enumerate(codings), key=rank)
+    display = best.get("display") or concept.get("text")
+    return system_name(best.get("system")), str(best["code"]), display
+
+
+def first_code(concept: object) -> str | None:
+    """The first coded value of a CodeableConcept (for status-like fields)."""
+    if isinstance(concept, dict):
+        for coding in concept.get("coding") or ():
+            if isinstance(coding, dict) and coding.get("code"):
+                return str(coding["code"])
+    return None

@@ -1,0 +1,349 @@
+"""Merging a staged run into the warehouse, in one transaction.
+
+Until this transaction commits, analysts see nothing of the run; if it fails or the process is killed, Postgres
+rolls it back and the staged rows wait to be purged by the next run. The steps:
+
+1. orphans: resources whose patient is neither in this export nor in the warehouse are quarantined;
+2. duplicates inside the export: the newest version of each (type, id) wins (``meta.lastUpdated``, then a
+   numeric ``meta.versionId``, then file order); identical copies count as unchanged, others are quarantined
+   as superseded;
+3. against the warehouse: identical resources are unchanged; older versions than the stored one are
+   quarantined as stale; the rest replace or add to ``fhir.resource``;
+4. ``medicationReference`` is resolved to the Medication's code; encounter references that resolve nowhere
+   are cleared (and counted); the normalized ``ehr.*`` rows are upserted;
+5. the quarantine is published, the counts are reconciled (records = loaded + quarantined + unchanged) and the
+   run is marked succeeded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import orjson
+import psycopg2.extensions
+from psycopg2.extras import execute_values
+
+from odyssey_batch.ingest import codes
+from odyssey_batch.ingest.normalize import EHR_TABLES
+
+
+class RunStateError(RuntimeError):
+    pass
+
+
+# A numeric meta.versionId, for ordering versions when lastUpdated is missing.
+_VERSION_NUM = "CASE WHEN {t}.version_id ~ '^[0-9]{{1,18}}$' THEN {t}.version_id::bigint END"
+
+_ORPHANS = """
+CREATE TEMP TABLE run_known_patient ON COMMIT DROP AS
+    SELECT DISTINCT resource_id AS patient_id FROM staging.resource
+    WHERE run_id = %(run)s AND resource_type = 'Patient';
+WITH orphan AS (
+    DELETE FROM staging.resource s
+    WHERE s.run_id = %(run)s AND s.patient_ref IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM run_known_patient k WHERE k.patient_id = s.patient_ref)
+      AND NOT EXISTS (SELECT 1 FROM ehr.patient p WHERE p.patient_id = s.patient_ref)
+    RETURNING s.*
+)
+INSERT INTO staging.quarantine (run_id, source, line_no, resource_type, resource_id, kind, reason, error, raw_text)
+SELECT run_id, source, line_no, resource_type, resource_id, 'line', 'orphan-reference',
+       format('%%s/%%s references Patient/%%s, which is neither in this export nor in the warehouse',
+              resource_type, resource_id, patient_ref),
+       body::text
+FROM orphan;
+"""
+
+_DUPLICATES = f"""
+CREATE TEMP TABLE run_rank ON COMMIT DROP AS
+SELECT file_no, line_no,
+       row_number() OVER w AS rn,
+       first_value(file_no) OVER w AS win_file,
+       first_value(line_no) OVER w AS win_line
+FROM staging.resource s
+WHERE s.run_id = %(run)s
+WINDOW w AS (PARTITION BY resource_type, resource_id
+             ORDER BY last_updated DESC NULLS LAST, {_VERSION_NUM.format(t="s")} DESC NULLS LAST,
+                      file_no DESC, line_no DESC);
+DELETE FROM run_rank WHERE rn = 1;
+CREATE TEMP TABLE run_loser ON COMMIT DROP AS
+SELECT l.file_no, l.line_no, l.resource_type, (l.body = w.body) AS identical,
+       format('superseded by a newer version of %%s/%%s in the same export (%%s, line %%s)',
+              l.resource_type, l.resource_id, w.source, w.line_no) AS error
+FROM run_rank r
+JOIN staging.resource l ON l.run_id = %(run)s AND l.file_no = r.file_no AND l.line_no = r.line_no
+JOIN staging.resource w ON w.run_id = %(run)s AND w.file_no = r.win_file AND w.line_no = r.win_line;
+"""
+
+_AGAINST_WAREHOUSE = f"""
+CREATE TEMP TABLE run_existing ON COMMIT DROP AS
+SELECT s.file_no, s.line_no, s.resource_type,
+       CASE WHEN s.body = r.body THEN 'unchanged'
+            WHEN s.last_updated IS NOT NULL AND r.last_updated IS NOT NULL
+                 THEN CASE WHEN s.last_updated < r.last_updated THEN 'stale' ELSE 'newer' END
+            WHEN {_VERSION_NUM.format(t="s")} < {_VERSION_NUM.format(t="r")} THEN 'stale'
+            ELSE 'newer' END AS verdict,
+       format('%%s/%%s version %%s (lastUpdated %%s) is older than the stored version %%s (lastUpdated %%s)',
+              s.resource_type, s.resource_id, coalesce(s.version_id, '-'), coalesce(s.last_updated::text, '-'),
+              coalesce(r.version_id, '-'), coalesce(r.last_updated::text, '-')) AS error
+FROM staging.resource s
+JOIN fhir.resource r USING (resource_type, resource_id)
+WHERE s.run_id = %(run)s;
+DELETE FROM run_existing WHERE verdict = 'newer';
+"""
+
+_QUARANTINE_STAGED = """
+INSERT INTO staging.quarantine (run_id, source, line_no, resource_type, resource_id, kind, reason, error, raw_text)
+SELECT s.run_id, s.source, s.line_no, s.resource_type, s.resource_id, 'line', %(reason)s, x.error, s.body::text
+FROM staging.resource s JOIN {table} x ON x.file_no = s.file_no AND x.line_no = s.line_no
+WHERE s.run_id = %(run)s AND {condition};
+DELETE FROM staging.resource s USING {table} x
+WHERE s.run_id = %(run)s AND x.file_no = s.file_no AND x.line_no = s.line_no;
+"""
+
+_UPSERT_RESOURCES = """
+WITH up AS (
+    INSERT INTO fhir.resource AS r
+        (resource_type, resource_id, version_id, last_updated, body, run_id, source, line_no, patient_id)
+    SELECT resource_type, resource_id, version_id, last_updated, body, run_id, source, line_no, patient_ref
+    FROM staging.resource WHERE run_id = %(run)s
+    ON CONFLICT (resource_type, resource_id) DO UPDATE SET
+        version_id = EXCLUDED.version_id, last_updated = EXCLUDED.last_updated, body = EXCLUDED.body,
+        run_id = EXCLUDED.run_id, source = EXCLUDED.source, line_no = EXCLUDED.line_no,
+        patient_id = EXCLUDED.patient_id, loaded_at = now()
+    RETURNING r.resource_type, (xmax = 0) AS inserted
+)
+SELECT resource_type, count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
+FROM up GROUP BY resource_type;
+"""
+
+_CLEAR_UNRESOLVED_ENCOUNTERS = """
+WITH cleared AS (
+    UPDATE staging.resource s SET ehr = jsonb_set(s.ehr, '{encounter_id}', 'null')
+    WHERE s.run_id = %(run)s AND s.ehr IS NOT NULL AND s.ehr->>'encounter_id' IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM ehr.encounter e WHERE e.encounter_id = s.ehr->>'encounter_id')
+    RETURNING 1
+)
+SELECT count(*) FROM cleared;
+"""
+
+_PUBLISH_QUARANTINE = """
+INSERT INTO ops.quarantine
+    (run_id, source, line_no, resource_type, resource_id, kind, reason, error, raw_text, raw_bytes)
+SELECT run_id, source, line_no, resource_type, resource_id, kind, reason, error, raw_text, raw_bytes
+FROM staging.quarantine WHERE run_id = %(run)s
+ORDER BY source, line_no NULLS FIRST;
+"""
+
+
+def purge_staging(cur: psycopg2.extensions.cursor, run_id: int) -> None:
+    cur.execute("DELETE FROM staging.resource WHERE run_id = %s", (run_id,))
+    cur.execute("DELETE FROM staging.quarantine WHERE run_id = %s", (run_id,))
+
+
+def _table_columns(cur: psycopg2.extensions.cursor, table: str) -> list[str]:
+    cur.execute(
+        """SELECT column_name FROM information_schema.columns
+           WHERE table_schema = 'ehr' AND table_name = %s AND column_name <> 'run_id'
+           ORDER BY ordinal_position""",
+        (table,),
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+def _resolve_medications(cur: psycopg2.extensions.cursor, run: dict[str, int]) -> int:
+    """Fill the code of MedicationRequests that reference a Medication; return how many stay unresolved."""
+    cur.execute(
+        """SELECT DISTINCT medication_ref FROM staging.resource
+           WHERE run_id = %(run)s AND resource_type = 'MedicationRequest' AND medication_ref IS NOT NULL""",
+        run,
+    )
+    refs = [row[0] for row in cur.fetchall()]
+    if refs:
+        cur.execute(
+            "SELECT resource_id, body FROM fhir.resource WHERE resource_type = 'Medication' AND resource_id = ANY(%s)",
+            (refs,),
+        )
+        resolved = []
+        for medication_id, body in cur.fetchall():
+            picked = codes.pick_coding(body.get("code"), "Medication")
+            if picked is not None:
+                coded = dict(zip(("code_system", "code", "display"), picked, strict=True))
+                resolved.append((medication_id, orjson.dumps(coded).decode()))
+        cur.execute("CREATE TEMP TABLE run_medication (medication_id text PRIMARY KEY, coded jsonb) ON COMMIT DROP")
+        execute_values(cur, "INSERT INTO run_medication VALUES %s", resolved)
+        cur.execute(
+            """UPDATE staging.resource s SET ehr = s.ehr || m.coded FROM run_medication m
+               WHERE s.run_id = %(run)s AND s.resource_type = 'MedicationRequest'
+                 AND s.medication_ref = m.medication_id""",
+            run,
+        )
+    cur.execute(
+        """WITH unresolved AS (
+               UPDATE staging.resource SET ehr = NULL, ehr_skipped = 'unresolved-medication'
+               WHERE run_id = %(run)s AND resource_type = 'MedicationRequest' AND ehr IS NOT NULL
+                 AND ehr->>'code' IS NULL
+               RETURNING 1)
+           SELECT count(*) FROM unresolved""",
+        run,
+    )
+    return cur.fetchone()[0]
+
+
+def _upsert_ehr_types(cur: psycopg2.extensions.cursor, run: dict[str, int], types: tuple[str, ...]) -> dict[str, int]:
+    """Upsert the normalized rows of these types; delete rows of resources whose new version has none."""
+    written: dict[str, int] = {}
+    for resource_type in types:
+        table = EHR_TABLES[resource_type]
+        columns = _table_columns(cur, table)
+        key = columns[0]
+        params = {**run, "type": resource_type}
+        cur.execute(
+            f"""INSERT INTO ehr.{table} ({", ".join(columns)}, run_id)
+                SELECT {", ".join("r." + c for c in columns)}, s.run_id
+                FROM staging.resource s, jsonb_populate_record(NULL::ehr.{table}, s.ehr) r
+                WHERE s.run_id = %(run)s AND s.resource_type = %(type)s AND s.ehr IS NOT NULL
+                ON CONFLICT ({key}) DO UPDATE SET
+                    {", ".join(f"{c} = EXCLUDED.{c}" for c in columns[1:])}, run_id = EXCLUDED.run_id""",
+            params,
+        )
+        written[table] = cur.rowcount
+        cur.execute(
+            f"""DELETE FROM ehr.{table} t USING staging.resource s
+                WHERE s.run_id = %(run)s AND s.resource_type = %(type)s AND s.ehr IS NULL
+                  AND t.{key} = s.resource_id""",
+            params,
+        )
+    return written
+
+
+def _upsert_components(cur: psycopg2.extensions.cursor, run: dict[str, int]) -> int:
+    cur.execute(
+        """DELETE FROM ehr.observation_component c USING staging.resource s
+           WHERE s.run_id = %(run)s AND s.resource_type = 'Observation' AND c.observation_id = s.resource_id""",
+        run,
+    )
+    cur.execute(
+        """INSERT INTO ehr.observation_component
+               (observation_id, seq, code_system, code, display, value_num, unit, value_text)
+           SELECT s.resource_id, c.seq, c.code_system, c.code, c.display, c.value_num, c.unit, c.value_text
+           FROM staging.resource s
+           CROSS JOIN LATERAL jsonb_to_recordset(s.components) AS c(
+               seq smallint, code_system text, code text, display text, value_num float8, unit text, value_text text)
+           WHERE s.run_id = %(run)s AND s.resource_type = 'Observation' AND s.ehr IS NOT NULL
+             AND s.components IS NOT NULL""",
+        run,
+    )
+    return cur.rowcount
+
+
+def commit_run(conn: psycopg2.extensions.connection, run_id: int) -> dict[str, Any]:
+    """Merge the staged run into the warehouse and return its reconciled counts. One transaction."""
+    run = {"run": run_id}
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT status FROM ops.ingest_run WHERE run_id = %s FOR UPDATE", (run_id,))
+        row = cur.fetchone()
+        if row is None:
+            raise RunStateError(f"ingest run {run_id} does not exist")
+        if row[0] != "running":
+            raise RunStateError(f"ingest run {run_id} is {row[0]}, not running; start a new run")
+
+        cur.execute(_ORPHANS, run)
+
+        cur.execute(_DUPLICATES, run)
+        cur.execute("SELECT resource_type, count(*) FROM run_loser WHERE identical GROUP BY 1")
+        unchanged = Counter(dict(cur.fetchall()))
+        cur.execute(
+            _QUARANTINE_STAGED.format(table="run_loser", condition="NOT x.identical"), {**run, "reason": "superseded"}
+        )
+
+        cur.execute(_AGAINST_WAREHOUSE, run)
+        cur.execute("SELECT resource_type, count(*) FROM run_existing WHERE verdict = 'unchanged' GROUP BY 1")
+        unchanged.update(dict(cur.fetchall()))
+        cur.execute(
+            _QUARANTINE_STAGED.format(table="run_existing", condition="x.verdict = 'stale'"),
+            {**run, "reason": "stale-version"},
+        )
+
+        cur.execute(_UPSERT_RESOURCES, run)
+        inserted: Counter[str] = Counter()
+        updated: Counter[str] = Counter()
+        for resource_type, n_inserted, n_updated in cur.fetchall():
+            inserted[resource_type] += n_inserted
+            updated[resource_type] += n_updated
+
+        unresolved_medications = _resolve_medications(cur, run)
+        # Parents first; then encounter references that resolve nowhere are cleared; then the clinical rows.
+        written = _upsert_ehr_types(cur, run, ("Patient", "Encounter"))
+        cur.execute(_CLEAR_UNRESOLVED_ENCOUNTERS, run)
+        unresolved_encounters = cur.fetchone()[0]
+        written.update(_upsert_ehr_types(cur, run, tuple(t for t in EHR_TABLES if t not in ("Patient", "Encounter"))))
+        written["observation_component"] = _upsert_components(cur, run)
+
+        cur.execute(
+            """SELECT resource_type, ehr_skipped, count(*) FROM staging.resource
+               WHERE run_id = %(run)s AND ehr_skipped IS NOT NULL GROUP BY 1, 2""",
+            run,
+        )
+        not_normalized: dict[str, dict[str, int]] = defaultdict(dict)
+        for resource_type, reason, n in cur.fetchall():
+            not_normalized[resource_type][reason] = n
+
+        cur.execute(_PUBLISH_QUARANTINE, run)
+        cur.execute(
+            """SELECT kind, reason, coalesce(resource_type, 'unknown'), count(*) FROM staging.quarantine
+               WHERE run_id = %(run)s GROUP BY 1, 2, 3""",
+            run,
+        )
+        quarantine_rows = cur.fetchall()
+        cur.execute("SELECT coalesce(sum(records), 0) FROM ops.ingest_file WHERE run_id = %(run)s", run)
+        records = int(cur.fetchone()[0])
+
+        quarantined_by_type: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        file_problems = 0
+        for kind, reason, resource_type, n in quarantine_rows:
+            reasons[reason] += n
+            if kind == "line":
+                quarantined_by_type[resource_type] += n
+            else:
+                file_problems += n
+        loaded = sum(inserted.values()) + sum(updated.values())
+        quarantined = sum(quarantined_by_type.values())
+        n_unchanged = sum(unchanged.values())
+        if records != loaded + quarantined + n_unchanged:
+            raise RuntimeError(
+                f"ingest run {run_id} does not reconcile: {records} records read but {loaded} loaded + "
+                f"{quarantined} quarantined + {n_unchanged} unchanged"
+            )
+        types = sorted(set(inserted) | set(updated) | set(unchanged) | set(quarantined_by_type))
+        counts: dict[str, Any] = {
+            "records": records,
+            "loaded": loaded,
+            "inserted": sum(inserted.values()),
+            "updated": sum(updated.values()),
+            "unchanged": n_unchanged,
+            "quarantined": quarantined,
+            "file_problems": file_problems,
+            "quarantine_reasons": dict(sorted(reasons.items())),
+            "by_type": {
+                t: {
+                    "records": inserted[t] + updated[t] + unchanged[t] + quarantined_by_type[t],
+                    "loaded": inserted[t] + updated[t],
+                    "unchanged": unchanged[t],
+                    "quarantined": quarantined_by_type[t],
+                }
+                for t in types
+            },
+            "normalized": written,
+            "not_normalized": dict(not_normalized),
+            "unresolved_encounter_refs": unresolved_encounters,
+            "unresolved_medication_refs": unresolved_medications,
+        }
+        purge_staging(cur, run_id)
+        cur.execute(
+            """UPDATE ops.ingest_run SET status = 'succeeded', finished_at = now(), counts = counts || %s::jsonb
+               WHERE run_id = %s""",
+            (orjson.dumps(counts).decode(), run_id),
+        )
+    return counts

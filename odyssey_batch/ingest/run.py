@@ -1,0 +1,329 @@
+"""An ingest run: find the files of an export, stage them in parallel, merge them in one transaction.
+
+``ingest()`` does the whole run. Its three steps are public for orchestrators that spread the staging over
+several workers (Airflow maps ``stage_files`` over file groups, then calls ``commit_run`` once):
+
+- ``begin_run``: registers the run; earlier runs of the same source that never finished (killed, crashed) are
+  marked abandoned and their staged rows purged, so the new run redoes their work from scratch;
+- ``stage_files``: validates and normalizes each file's resources in worker processes and ``COPY``s them into
+  ``staging``, committing file by file (staged rows are invisible to analysts);
+- ``commit_run``: the single merge transaction (see ``commit.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import orjson
+import psycopg2.extensions
+from psycopg2.extras import execute_values
+
+from odyssey_batch.ingest.commit import commit_run, purge_staging
+from odyssey_batch.ingest.discover import ExportFile, ExportPlan, ManifestError, plan_export
+from odyssey_batch.ingest.parallel import Marker, ordered_map
+from odyssey_batch.ingest.reader import ReadProblem, iter_line_chunks, read_document
+from odyssey_batch.ingest.stage import (
+    QUARANTINE_COLUMNS,
+    STAGING_COLUMNS,
+    ChunkResult,
+    DocumentJob,
+    LinesJob,
+    process,
+)
+from odyssey_batch.settings import Settings
+from odyssey_batch.storage import Location, open_location
+from odyssey_batch.warehouse import connect, database_url
+
+
+class Progress(Protocol):
+    """What a progress display needs to know. All methods are optional to act on."""
+
+    def start(self, total_bytes: int, total_files: int) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+    def file_done(self, name: str, records: int) -> None: ...
+
+    def phase(self, description: str) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total_bytes: int, total_files: int) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+    def file_done(self, name: str, records: int) -> None:
+        pass
+
+    def phase(self, description: str) -> None:
+        pass
+
+
+@dataclass
+class IngestResult:
+    run_id: int
+    source: str
+    status: str
+    seconds: float
+    counts: dict[str, Any]
+    files: int
+    ignored: list[str] = field(default_factory=list)
+    manifest_mismatches: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def resources_per_s(self) -> float:
+        return self.counts.get("records", 0) / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "source": self.source,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "resources_per_s": round(self.resources_per_s, 1),
+            "files": self.files,
+            "ignored_files": self.ignored,
+            "manifest_mismatches": self.manifest_mismatches,
+            **self.counts,
+        }
+
+
+@dataclass(frozen=True)
+class _FileStart(Marker):
+    file_no: int
+    file: ExportFile
+
+
+@dataclass(frozen=True)
+class _FileEnd(Marker):
+    file_no: int
+    file: ExportFile
+    problem: ReadProblem | None
+
+
+def _check_transaction_time(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ManifestError(f"manifest transactionTime {value!r} is not an ISO 8601 instant") from exc
+    return value
+
+
+def begin_run(conn: psycopg2.extensions.connection, source: str, plan: ExportPlan) -> int:
+    """Register a new run; abandon unfinished earlier runs of the same source and purge their staged rows."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            """INSERT INTO ops.ingest_run (source, transaction_time, host, pid, counts)
+               VALUES (%s, %s, %s, %s, %s::jsonb) RETURNING run_id""",
+            (
+                source,
+                _check_transaction_time(plan.transaction_time),
+                socket.gethostname(),
+                os.getpid(),
+                orjson.dumps({"manifest": plan.manifest, "missing_files": plan.missing}).decode(),
+            ),
+        )
+        run_id = cur.fetchone()[0]
+        cur.execute(
+            """UPDATE ops.ingest_run SET status = 'abandoned', finished_at = now(),
+                      error = format('did not finish (killed or crashed); superseded by run %%s', %s::bigint)
+               WHERE source = %s AND status = 'running' AND run_id <> %s
+               RETURNING run_id""",
+            (run_id, source, run_id),
+        )
+        cur.execute(
+            """SELECT DISTINCT s.run_id FROM staging.resource s JOIN ops.ingest_run r USING (run_id)
+               WHERE r.status <> 'running'
+               UNION
+               SELECT DISTINCT q.run_id FROM staging.quarantine q JOIN ops.ingest_run r USING (run_id)
+               WHERE r.status <> 'running'"""
+        )
+        for (stale_run,) in cur.fetchall():
+            purge_staging(cur, stale_run)
+        for missing in plan.missing:
+            cur.execute(
+                """INSERT INTO staging.quarantine (run_id, source, kind, reason, error)
+                   VALUES (%s, %s, 'file', 'missing-file', 'listed in the Bulk Data manifest but not found')""",
+                (run_id, missing),
+            )
+    return run_id
+
+
+def fail_run(conn: psycopg2.extensions.connection, run_id: int, error: BaseException) -> None:
+    """Mark a run failed and drop its staged rows (the warehouse itself was never touched)."""
+    conn.rollback()
+    with conn, conn.cursor() as cur:
+        purge_staging(cur, run_id)
+        cur.execute(
+            """UPDATE ops.ingest_run SET status = 'failed', finished_at = now(), error = %s
+               WHERE run_id = %s AND status = 'running'""",
+            (f"{type(error).__name__}: {error}", run_id),
+        )
+
+
+def _jobs(
+    location: Location, files: list[ExportFile], run_id: int, settings: Settings, progress: Progress,
+    first_file_no: int,
+) -> Iterator[Any]:  # fmt: skip
+    """The job stream: for each file a start marker, its jobs, and an end marker with any read problem."""
+    for offset, export_file in enumerate(files):
+        file_no = first_file_no + offset
+        yield _FileStart(file_no, export_file)
+        problem: ReadProblem | None = None
+        source = export_file.name
+        with location.open(export_file.name) as stream:
+            if export_file.format == "document":
+                data = read_document(stream, export_file.gzipped, progress.advance)
+                if isinstance(data, ReadProblem):
+                    problem = data
+                else:
+                    yield DocumentJob(run_id, file_no, source, data, settings.default_timezone)
+            else:
+                for chunk in iter_line_chunks(
+                    stream, export_file.gzipped, settings.ingest_chunk_lines, progress.advance
+                ):
+                    if isinstance(chunk, ReadProblem):
+                        problem = chunk
+                        break
+                    yield LinesJob(
+                        run_id, file_no, source, chunk, settings.default_timezone,
+                        expected_type=export_file.resource_type,
+                        export_errors=export_file.format == "export-error",
+                    )  # fmt: skip
+        yield _FileEnd(file_no, export_file, problem)
+
+
+_COPY_STAGING = f"COPY staging.resource ({', '.join(STAGING_COLUMNS)}) FROM STDIN"
+_INSERT_QUARANTINE = f"INSERT INTO staging.quarantine ({', '.join(QUARANTINE_COLUMNS)}) VALUES %s"
+
+
+class _StringStream:
+    """A minimal file-like object over a str, for ``copy_expert`` without an extra copy."""
+
+    def __init__(self, text: str):
+        self._data = text.encode("utf-8")
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = len(self._data) - self._pos
+        chunk = self._data[self._pos : self._pos + size]
+        self._pos += len(chunk)
+        return chunk
+
+    readline = read
+
+
+def stage_files(
+    conn: psycopg2.extensions.connection, run_id: int, location: Location, files: list[ExportFile],
+    settings: Settings, progress: Progress | None = None, first_file_no: int = 0,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Validate and stage the given files of a run; one committed transaction per file."""
+    progress = progress or _NoProgress()
+    workers = settings.ingest_workers or os.cpu_count() or 1
+    stats: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    cur = conn.cursor()
+    try:
+        for item in ordered_map(process, _jobs(location, files, run_id, settings, progress, first_file_no), workers):
+            if isinstance(item, _FileStart):
+                current = {"file": item.file.name, "records": 0, "staged": 0, "quarantined": 0, "format": None}
+            elif isinstance(item, ChunkResult):
+                if item.copy_text:
+                    cur.copy_expert(_COPY_STAGING, _StringStream(item.copy_text), size=1 << 20)
+                if item.quarantine:
+                    execute_values(cur, _INSERT_QUARANTINE, item.quarantine, page_size=500)
+                current["records"] += item.records
+                current["staged"] += item.staged
+                current["quarantined"] += len(item.quarantine)
+                current["format"] = item.document_format or current["format"]
+            elif isinstance(item, _FileEnd):
+                export_file = item.file
+                if item.problem is not None:
+                    execute_values(cur, _INSERT_QUARANTINE, [(
+                        run_id, export_file.name, item.problem.line_no, export_file.resource_type, None, "file",
+                        item.problem.reason, item.problem.message, None, None,
+                    )])  # fmt: skip
+                    current["quarantined"] += 1
+                file_format = {"document": current["format"] or "resource"}.get(export_file.format, export_file.format)
+                cur.execute(
+                    """INSERT INTO ops.ingest_file
+                           (run_id, file, format, resource_type, records, staged, quarantined, manifest_count)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s)""",
+                    (
+                        run_id, export_file.name, file_format, export_file.resource_type, current["records"],
+                        current["staged"], current["quarantined"], export_file.manifest_count,
+                    ),
+                )  # fmt: skip
+                conn.commit()
+                progress.file_done(export_file.name, current["records"])
+                stats.append({**current, "manifest_count": export_file.manifest_count})
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        cur.close()
+    return stats
+
+
+def _manifest_mismatches(stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"file": s["file"], "manifest_count": s["manifest_count"], "records": s["records"]}
+        for s in stats
+        if s["manifest_count"] is not None and s["manifest_count"] != s["records"]
+    ]
+
+
+def ingest(
+    source: str, settings: Settings, *, url: str | None = None, progress: Progress | None = None
+) -> IngestResult:
+    """Load one export (a folder or ``s3://bucket/prefix``) into the warehouse. See the module docstring."""
+    progress = progress or _NoProgress()
+    started = time.perf_counter()
+    location = open_location(source, settings)
+    plan = plan_export(location)
+    if not plan.files and not plan.missing:
+        raise FileNotFoundError(f"no FHIR files (*.ndjson[.gz], *.json[.gz]) found in {location.uri}")
+    url = url or database_url(settings)
+    conn = connect(url)
+    try:
+        run_id = begin_run(conn, location.uri, plan)
+        try:
+            progress.start(sum(f.size for f in plan.files), len(plan.files))
+            stats = stage_files(conn, run_id, location, plan.files, settings, progress)
+            mismatches = _manifest_mismatches(stats)
+            if mismatches:
+                with conn, conn.cursor() as cur:
+                    cur.execute(
+                        "UPDATE ops.ingest_run SET counts = counts || %s::jsonb WHERE run_id = %s",
+                        (orjson.dumps({"manifest_mismatches": mismatches}).decode(), run_id),
+                    )
+            progress.phase("merging into the warehouse")
+            counts = commit_run(conn, run_id)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # the database may be the problem; the next run cleans up
+                fail_run(conn, run_id, exc)
+            raise
+    finally:
+        conn.close()
+    return IngestResult(
+        run_id=run_id,
+        source=location.uri,
+        status="succeeded",
+        seconds=time.perf_counter() - started,
+        counts=counts,
+        files=len(plan.files),
+        ignored=plan.ignored,
+        manifest_mismatches=mismatches,
+    )

@@ -1,0 +1,109 @@
+"""One settings object for the whole system.
+
+Values come from, in increasing priority:
+1. defaults below;
+2. a TOML file: ``$ODYSSEY_CONFIG`` if set, else ``$ODYSSEY_HOME/odyssey.toml`` if it exists;
+3. environment variables (``ODYSSEY_*``).
+
+TOML keys are the field names below (``database_url = "postgresql://..."``); environment variables are the
+upper-cased names with an ``ODYSSEY_`` prefix (``ODYSSEY_DATABASE_URL``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "ODYSSEY_"
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("ODYSSEY_HOME") or Path.home() / ".odyssey").expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of one odyssey-batch installation."""
+
+    # Working directory: embedded Postgres data, run artifacts, default object store.
+    home: Path = field(default_factory=_default_home)
+    # Warehouse. Empty means the embedded Postgres server under ``home``.
+    database_url: str = ""
+    # Object store for artifacts: a local path or ``s3://bucket/prefix``. Empty means ``home/objects``.
+    object_store: str = ""
+    # S3 / MinIO connection, used for ``s3://`` object stores and ingest sources.
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = ""
+    s3_secure: bool = True
+    # Timezone applied to FHIR dates that carry no zone (partial dates such as ``2020-05``).
+    default_timezone: str = "UTC"
+    # Ingest: parallel validation workers (0 = number of CPU cores) and lines per work chunk.
+    ingest_workers: int = 0
+    ingest_chunk_lines: int = 2000
+
+    @property
+    def embedded(self) -> bool:
+        """True when no warehouse URL is configured and the embedded server is used."""
+        return not self.database_url
+
+    @property
+    def object_store_location(self) -> str:
+        return self.object_store or str(self.home / "objects")
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kinds = {f.name: f.type for f in fields(Settings)}
+    kind = kinds[name]
+    if kind == "Path":
+        return Path(str(raw)).expanduser()
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+    if kind == "int":
+        return int(raw)
+    return str(raw)
+
+
+def _config_file(env: dict[str, str], home: Path) -> Path | None:
+    explicit = env.get("ODYSSEY_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ODYSSEY_CONFIG points to {path}, which is not a file")
+        return path
+    candidate = home / "odyssey.toml"
+    return candidate if candidate.is_file() else None
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, the optional TOML file and the environment."""
+    env = dict(os.environ if env is None else env)
+    names = {f.name for f in fields(Settings)}
+    home = Path(env.get("ODYSSEY_HOME") or Path.home() / ".odyssey").expanduser()
+    values: dict[str, Any] = {"home": home}
+
+    config_path = _config_file(env, home)
+    if config_path is not None:
+        with config_path.open("rb") as fh:
+            data = tomllib.load(fh)
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"{config_path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        values.update({k: _coerce(k, v) for k, v in data.items()})
+
+    for name in names:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _coerce(name, raw)
+    return Settings(**values)

