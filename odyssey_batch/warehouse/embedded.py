@@ -11,6 +11,7 @@ permission for others on the data directory's parent folders (PostgreSQL refuses
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import subprocess
@@ -95,7 +96,11 @@ def stop(settings: Settings) -> bool:
         module.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner)
     except subprocess.CalledProcessError as exc:  # pragma: no cover - reported to the user
         raise RuntimeError(f"could not stop the embedded server in {pgdata}: {exc}") from exc
-    PostgresServer._instances.pop(pgdata.resolve(), None)
+    # Forget this process's handle so that a later start() in the same process starts a fresh server.
+    handle = PostgresServer._instances.pop(pgdata.resolve(), None)
+    if handle is not None:
+        atexit.unregister(handle._cleanup)
+        handle.global_process_id_list.get_and_remove(os.getpid())
     return True
 
 

