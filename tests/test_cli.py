@@ -1,0 +1,106 @@
+"""The command line as users meet it: through the installed entry point, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from odyssey_batch.cli.main import example_export
+from tests.conftest import run_sql
+
+COMMANDS = ["db", "ingest", "runs", "quarantine", "demo"]
+
+
+def cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "odyssey_batch.cli.main", *args],
+        env={**os.environ, "COLUMNS": "160", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
+@pytest.fixture
+def env(db_url: str, tmp_path: Path) -> dict[str, str]:
+    return {"ODYSSEY_DATABASE_URL": db_url, "ODYSSEY_HOME": str(tmp_path / "home"), "ODYSSEY_INGEST_WORKERS": "1"}
+
+
+def test_help_explains_every_command(env):
+    top = cli("--help", env=env).stdout
+    for command in COMMANDS:
+        assert command in top
+    for command in [*COMMANDS, "db url", "db upgrade", "db status", "db stop", "db start"]:
+        text = cli(*command.split(), "--help", env=env).stdout
+        assert "Usage" in text and len(text.splitlines()) > 4, command
+    assert "quarantine" in cli("ingest", "--help", env=env).stdout
+
+
+def test_ingest_runs_and_quarantine_as_json(env, tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    lines = (example_export() / "Patient.ndjson").read_text().splitlines()
+    (export / "Patient.ndjson").write_text(
+        "\n".join([*lines, '{"resourceType": "Patient", "id": "bad", "birthDate": "1990-02-30"}']) + "\n"
+    )
+    result = json.loads(cli("ingest", str(export), "--json", env=env).stdout)
+    assert (result["records"], result["loaded"], result["quarantined"]) == (4, 3, 1)
+    assert result["quarantine_reasons"] == {"fhir-validation": 1}
+
+    runs = json.loads(cli("runs", "--json", env=env).stdout)
+    assert [(r["run_id"], r["status"], r["loaded"]) for r in runs] == [(result["run_id"], "succeeded", 3)]
+
+    quarantined = json.loads(cli("quarantine", "--json", env=env).stdout)
+    [reason] = quarantined["reasons"]
+    assert reason["reason"] == "fhir-validation" and reason["count"] == 1
+    assert reason["examples"][0]["line_no"] == 4 and "birthDate" in reason["examples"][0]["error"]
+
+    human = cli("quarantine", env=env).stdout
+    assert "fhir-validation" in human and "Patient.ndjson:4" in human
+
+
+def test_ingest_human_summary_reconciles(env):
+    out = cli("ingest", str(example_export()), env=env).stdout
+    assert "28 resources read = 28 loaded" in out and "0 quarantined" in out
+
+
+def test_ingest_of_a_missing_folder_fails_clearly(env, tmp_path):
+    proc = cli("ingest", str(tmp_path / "nowhere"), env=env, check=False)
+    assert proc.returncode == 1
+    assert "no such folder" in proc.stderr
+
+
+def test_db_url_and_upgrade_on_a_configured_warehouse(env, db_url):
+    assert cli("db", "url", env=env).stdout.strip() == db_url
+    upgraded = json.loads(cli("db", "upgrade", "--json", env=env).stdout)
+    assert upgraded["applied_now"] == [] and upgraded["schema_version"] >= 1
+    status = json.loads(cli("db", "status", "--json", env=env).stdout)
+    assert status["mode"] == "external"
+
+
+def test_demo_on_the_embedded_server_and_db_url(tmp_path):
+    """The README's first command: no configuration at all, an embedded server under ODYSSEY_HOME."""
+    env = {"ODYSSEY_HOME": str(tmp_path / "demo-home"), "ODYSSEY_DATABASE_URL": ""}
+    try:
+        demo = json.loads(cli("demo", "--json", env=env).stdout)
+        assert demo["ingest"]["loaded"] == 28 and demo["ingest"]["quarantined"] == 0
+        assert demo["tables"]["ehr.patient"] == 3 and demo["tables"]["ehr.observation"] == 10
+        url = cli("db", "url", env=env).stdout.strip()
+        assert url == demo["warehouse"]["url"] and "host=" in url
+        # The server keeps running between commands, so psql (here psycopg2) can use the printed URL.
+        assert run_sql(url, "SELECT count(*) FROM ehr.encounter") == [(5,)]
+        # Running the demo again reuses the server and changes nothing.
+        again = json.loads(cli("demo", "--json", env=env).stdout)
+        assert again["ingest"]["unchanged"] == 28 and again["ingest"]["loaded"] == 0
+        assert json.loads(cli("db", "status", "--json", env=env).stdout)["embedded_running"] is True
+    finally:
+        cli("db", "stop", env=env, check=False)
+    assert json.loads(cli("db", "status", "--json", env=env).stdout)["embedded_running"] is False
