@@ -22,32 +22,15 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
-from psycopg2 import sql
 
 from odyssey_batch.ingest import ingest
 from odyssey_batch.settings import Settings
-from odyssey_batch.warehouse import embedded, upgrade
+from odyssey_batch.warehouse import create_database, drop_database, embedded, upgrade, with_database
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO / ".." / "shared" / "data" / "fhir-large" / "synthea-smart-r4-ndjson"
-
-
-def _with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
-
-
-def _admin(url: str, statement: sql.Composable) -> None:
-    conn = psycopg2.connect(url)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement)
-    finally:
-        conn.close()
 
 
 class FreshDatabase:
@@ -56,11 +39,11 @@ class FreshDatabase:
         self.name = f"odyssey_bench_{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> str:
-        _admin(self.admin_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
-        return _with_database(self.admin_url, self.name)
+        create_database(self.admin_url, self.name)
+        return with_database(self.admin_url, self.name)
 
     def __exit__(self, *exc: object) -> None:
-        _admin(self.admin_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name)))
+        drop_database(self.admin_url, self.name)
 
 
 def bare_copy_seconds(url: str, files: list[Path]) -> tuple[float, int]:
@@ -102,7 +85,7 @@ def main() -> None:
     server_home = None
     if not admin_url:
         server_home = Path(tempfile.mkdtemp(prefix="odyssey-bench-"))
-        admin_url = _with_database(embedded.start(Settings(home=server_home)), "postgres")
+        admin_url = with_database(embedded.start(Settings(home=server_home)), "postgres")
 
     settings = Settings(home=Path(tempfile.mkdtemp(prefix="odyssey-bench-home-")), ingest_workers=args.workers)
     ingest_seconds: list[float] = []
@@ -122,9 +105,10 @@ def main() -> None:
                 copy_seconds.append(seconds)
                 if lines != resources:
                     sys.exit(f"bare COPY read {lines} lines but ingest read {resources} resources")
+            rate = resources / ingest_seconds[-1]
             print(
-                f"repeat {repeat}: ingest {ingest_seconds[-1]:.2f} s ({resources / ingest_seconds[-1]:,.0f} resources/s),"
-                f" bare COPY {copy_seconds[-1]:.2f} s",
+                f"repeat {repeat}: ingest {ingest_seconds[-1]:.2f} s ({rate:,.0f} resources/s), "
+                f"bare COPY {copy_seconds[-1]:.2f} s",
                 file=sys.stderr,
             )
     finally:

@@ -10,16 +10,12 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg2
 import pytest
-from psycopg2 import sql
 
 from odyssey_batch.settings import Settings
-from odyssey_batch.warehouse import connect, upgrade
+from odyssey_batch.warehouse import connect, create_database, drop_database, upgrade, with_database
 from odyssey_batch.warehouse import embedded as embedded_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,21 +27,6 @@ def shared_data(relative: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"test data {path} is missing: clone the repository with ../shared beside it")
     return path
-
-
-def with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
-
-
-def _admin(url: str, statement: sql.Composable) -> None:
-    conn = psycopg2.connect(url)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement)
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -68,24 +49,23 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def template_db(pg_admin_url: str) -> Iterator[str]:
     """A database with every migration applied, copied for each test."""
     name = f"odyssey_tmpl_{uuid.uuid4().hex[:10]}"
-    _admin(pg_admin_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    create_database(pg_admin_url, name)
     upgrade(with_database(pg_admin_url, name))
     try:
         yield name
     finally:
-        _admin(pg_admin_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_database(pg_admin_url, name)
 
 
 @contextmanager
 def fresh_database(pg_admin_url: str, template_db: str) -> Iterator[str]:
     """A new database copied from the migrated template; dropped afterwards."""
     name = f"odyssey_test_{uuid.uuid4().hex[:10]}"
-    create = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db))
-    _admin(pg_admin_url, create)
+    create_database(pg_admin_url, name, template=template_db)
     try:
         yield with_database(pg_admin_url, name)
     finally:
-        _admin(pg_admin_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_database(pg_admin_url, name)
 
 
 @pytest.fixture

@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from odyssey_batch.ingest import ingest
+from odyssey_batch.ingest.normalize import EHR_TABLES
 from odyssey_batch.settings import Settings
 from tests.conftest import fresh_database, run_sql, shared_data, table_fingerprints
 
 SYNTHEA_100 = "fhir/synthea-smart-100-ndjson"
-EHR_TABLE_OF = {
-    "Patient": "patient",
-    "Encounter": "encounter",
-    "Condition": "condition",
-    "Procedure": "procedure",
-    "MedicationRequest": "medication_request",
-    "Observation": "observation",
-}
+EHR_TABLE_OF = EHR_TABLES  # resource type -> ehr table
 
 
 def read_ndjson(folder: Path) -> dict[str, list[dict]]:
@@ -88,7 +82,8 @@ def test_spot_check_values(synthea_db):
     url, _ = synthea_db
     assert run_sql(
         url,
-        "SELECT birth_date, gender, deceased FROM ehr.patient WHERE patient_id = '004b7f3b-eaaa-4eda-81dc-3a82854a363d'",
+        "SELECT birth_date, gender, deceased FROM ehr.patient WHERE patient_id = %s",
+        ("004b7f3b-eaaa-4eda-81dc-3a82854a363d",),
     ) == [(dt.date(1965, 9, 12), "female", False)]
     assert run_sql(
         url, "SELECT deceased, death_time FROM ehr.patient WHERE patient_id = '02f19698-ca4a-4a67-b343-0819ff6fce66'"
@@ -155,7 +150,8 @@ def test_genuine_bulk_export_with_conditional_references(db_url, settings, query
     # A conditional reference is kept as written in the raw resource.
     assert query(
         """SELECT count(*) FROM fhir.resource
-           WHERE resource_type = 'Encounter' AND body->'participant'->0->'individual'->>'reference' LIKE 'Practitioner?identifier=%%'"""
+           WHERE resource_type = 'Encounter'
+             AND body->'participant'->0->'individual'->>'reference' LIKE 'Practitioner?identifier=%%'"""
     ) == [(1215,)]
     # All medication requests use medicationCodeableConcept with RxNorm codes.
     assert query("SELECT code_system, count(*) FROM ehr.medication_request GROUP BY 1") == [("RXNORM", 1745)]

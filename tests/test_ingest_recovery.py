@@ -11,6 +11,7 @@ import time
 import psycopg2
 import pytest
 
+from odyssey_batch.cli.main import example_export
 from odyssey_batch.ingest import ingest
 from tests.conftest import run_sql, shared_data, table_fingerprints
 
@@ -66,7 +67,7 @@ def test_kill_during_staging_then_rerun_completes(db_url, settings, tmp_path):
 
 def test_failure_inside_the_merge_transaction_changes_nothing(db_url, settings):
     """A database error in the middle of the merge (after fhir.resource was written) rolls everything back."""
-    tiny = shared_data(SYNTHEA_100)
+    tiny = example_export()
     run_sql(
         db_url,
         """CREATE FUNCTION test_boom() RETURNS trigger LANGUAGE plpgsql AS
@@ -81,5 +82,5 @@ def test_failure_inside_the_merge_transaction_changes_nothing(db_url, settings):
 
     run_sql(db_url, "DROP TRIGGER boom ON ehr.observation")
     result = ingest(str(tiny), settings, url=db_url)
-    assert result.counts["loaded"] == 25909
-    assert table_fingerprints(db_url)["observation"][0] == 15404
+    assert result.counts["loaded"] == 28
+    assert table_fingerprints(db_url)["observation"][0] == 10

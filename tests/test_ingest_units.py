@@ -83,7 +83,7 @@ def test_normalize_observation_with_comparator_and_components():
             "unit": "milligram per deciliter",
             "system": "http://unitsofmeasure.org",
             "code": "mg/dL",
-        },  # fmt: skip
+        },
         "component": [{"code": {"text": "uncoded"}, "valueString": "x"}],
     }
     out = normalize(obs, Context(default_tz="UTC"))

@@ -30,7 +30,7 @@ def test_toml_file_then_environment_override(tmp_path):
 def test_explicit_config_file_and_unknown_keys(tmp_path):
     config = tmp_path / "conf.toml"
     config.write_text('databse_url = "typo"\n')
-    with pytest.raises(ValueError, match="unknown setting.*databse_url"):
+    with pytest.raises(ValueError, match=r"unknown setting.*databse_url"):
         load_settings({"ODYSSEY_HOME": str(tmp_path), "ODYSSEY_CONFIG": str(config)})
     with pytest.raises(FileNotFoundError):
         load_settings({"ODYSSEY_HOME": str(tmp_path), "ODYSSEY_CONFIG": str(tmp_path / "missing.toml")})

@@ -73,9 +73,12 @@ def _ts(value: str | None, ctx: Context) -> str | None:
     return fhirtime.to_timestamp(value, ctx.default_tz)
 
 
-def _coded(resource: dict, kind: str, element: str = "code") -> dict[str, Any] | None:
+def _coded(resource: dict, kind: str, element: str = "code", out: Normalized | None = None) -> dict[str, Any] | None:
+    """The chosen coding as row fields; when there is none, None (and ``out`` records why)."""
     picked = codes.pick_coding(resource.get(element), kind)
     if picked is None:
+        if out is not None:
+            out.skipped = "no-code"
         return None
     system, code, display = picked
     return {"code_system": system, "code": code, "display": display}
@@ -110,9 +113,8 @@ def _encounter(r: dict, ctx: Context, out: Normalized) -> dict | None:
 
 
 def _condition(r: dict, ctx: Context, out: Normalized) -> dict | None:
-    coded = _coded(r, "Condition")
+    coded = _coded(r, "Condition", out=out)
     if coded is None:
-        out.skipped = "no-code"
         return None
     onset = r.get("onsetDateTime") or fhirtime.period_start(r.get("onsetPeriod"))
     abatement = r.get("abatementDateTime") or fhirtime.period_start(r.get("abatementPeriod"))
@@ -127,9 +129,8 @@ def _condition(r: dict, ctx: Context, out: Normalized) -> dict | None:
 
 
 def _procedure(r: dict, ctx: Context, out: Normalized) -> dict | None:
-    coded = _coded(r, "Procedure")
+    coded = _coded(r, "Procedure", out=out)
     if coded is None:
-        out.skipped = "no-code"
         return None
     performed = r.get("performedDateTime") or fhirtime.period_start(r.get("performedPeriod"))
     return {
@@ -206,9 +207,8 @@ def _category(r: dict) -> str | None:
 
 
 def _observation(r: dict, ctx: Context, out: Normalized) -> dict | None:
-    coded = _coded(r, "Observation")
+    coded = _coded(r, "Observation", out=out)
     if coded is None:
-        out.skipped = "no-code"
         return None
     effective = (
         r.get("effectiveDateTime") or r.get("effectiveInstant") or fhirtime.period_start(r.get("effectivePeriod"))

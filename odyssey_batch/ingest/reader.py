@@ -63,6 +63,7 @@ def iter_line_chunks(
     """Chunks of ``(line_no, line bytes)``; blank lines are skipped but keep their numbers."""
     chunk: list[tuple[int, bytes]] = []
     line_no = 0
+    records = 0
     reader = open_stream(stream, gzipped, on_bytes)
     try:
         for raw in reader:
@@ -71,6 +72,7 @@ def iter_line_chunks(
                 raw = raw[len(_BOM) :]
             if not raw.strip():
                 continue
+            records += 1
             chunk.append((line_no, raw.rstrip(b"\r\n")))
             if len(chunk) >= chunk_lines:
                 yield chunk
@@ -83,8 +85,12 @@ def iter_line_chunks(
         return
     if chunk:
         yield chunk
-    if line_no == 0:
-        yield ReadProblem(0, "empty-file", "file is empty: it holds no resources")
+    if records == 0:
+        yield ReadProblem(
+            0,
+            "empty-file",
+            f"file holds no resources ({line_no} blank lines)" if line_no else "file is empty: it holds no resources",
+        )
 
 
 def read_document(

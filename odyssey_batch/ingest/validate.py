@@ -7,12 +7,17 @@ short reason code and a readable message; the caller quarantines the original te
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
 
 from odyssey_batch.ingest.normalize import Context, Normalized, UnresolvablePatient, normalize
+
+# A JSON \u0000 escape (an odd number of backslashes before u0000), wherever it is: even in a duplicate key
+# that the parser overrode, Postgres jsonb would refuse the text.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class Rejected(Exception):
@@ -53,16 +58,6 @@ def describe_validation_error(resource_type: str, error: ValidationError, limit:
     return "; ".join(parts)
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
-
-
 def check_resource(obj: Any, ctx: Context, text: str, expected_type: str | None = None) -> Normalized:
     """Validate one parsed resource (``text`` is its JSON) and normalize it. Raises Rejected."""
     if not isinstance(obj, dict):
@@ -83,7 +78,7 @@ def check_resource(obj: Any, ctx: Context, text: str, expected_type: str | None 
         )
     if resource_id is None:
         raise Rejected("missing-id", f"{resource_type} has no id", resource_type, None)
-    if "\\u0000" in text and _has_nul(obj):
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise Rejected(
             "unsupported-character",
             "contains a NUL character (\\u0000), which Postgres jsonb cannot store",

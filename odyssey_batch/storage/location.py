@@ -93,6 +93,9 @@ class S3Location:
     @contextmanager
     def open(self, name: str) -> Iterator[BinaryIO]:
         response = self.client.get_object(self.bucket, self._key(name))
+        if name.lower().endswith(".gz"):
+            # A .gz object stored with ``Content-Encoding: gzip`` must reach us still compressed.
+            response.decode_content = False
         try:
             yield response  # urllib3 response: a readable binary stream
         finally:

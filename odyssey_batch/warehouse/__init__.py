@@ -2,21 +2,27 @@
 
 from odyssey_batch.warehouse.connection import (
     connect,
+    create_database,
     database_url,
+    drop_database,
     libpq_url,
     redact,
     sqlalchemy_url,
     transaction,
+    with_database,
 )
 from odyssey_batch.warehouse.migrations import applied_migrations, upgrade
 
 __all__ = [
     "applied_migrations",
     "connect",
+    "create_database",
     "database_url",
+    "drop_database",
     "libpq_url",
     "redact",
     "sqlalchemy_url",
     "transaction",
     "upgrade",
+    "with_database",
 ]

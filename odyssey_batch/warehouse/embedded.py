@@ -19,10 +19,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg2
-from psycopg2 import sql
-
 from odyssey_batch.settings import Settings
+from odyssey_batch.warehouse.connection import create_database
 
 DATABASE = "odyssey"
 
@@ -78,7 +76,7 @@ def start(settings: Settings) -> str:
     server = module.get_server(pgdata, cleanup_mode=None)
     info = server.get_postmaster_info()
     assert info.socket_dir is not None, "embedded server must listen on a Unix socket"
-    _ensure_database(_libpq_url(info.socket_dir, "postgres"), DATABASE)
+    create_database(_libpq_url(info.socket_dir, "postgres"), DATABASE, exist_ok=True)
     return _libpq_url(info.socket_dir, DATABASE)
 
 
@@ -102,15 +100,3 @@ def stop(settings: Settings) -> bool:
         atexit.unregister(handle._cleanup)
         handle.global_process_id_list.get_and_remove(os.getpid())
     return True
-
-
-def _ensure_database(admin_url: str, database: str) -> None:
-    conn = psycopg2.connect(admin_url)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
-            if cur.fetchone() is None:
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    finally:
-        conn.close()
