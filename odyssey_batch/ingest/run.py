@@ -13,6 +13,7 @@ several workers (Airflow maps ``stage_files`` over file groups, then calls ``com
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import time
@@ -208,23 +209,6 @@ _COPY_STAGING = f"COPY staging.resource ({', '.join(STAGING_COLUMNS)}) FROM STDI
 _INSERT_QUARANTINE = f"INSERT INTO staging.quarantine ({', '.join(QUARANTINE_COLUMNS)}) VALUES %s"
 
 
-class _StringStream:
-    """A minimal file-like object over a str, for ``copy_expert`` without an extra copy."""
-
-    def __init__(self, text: str):
-        self._data = text.encode("utf-8")
-        self._pos = 0
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            size = len(self._data) - self._pos
-        chunk = self._data[self._pos : self._pos + size]
-        self._pos += len(chunk)
-        return chunk
-
-    readline = read
-
-
 def stage_files(
     conn: psycopg2.extensions.connection, run_id: int, location: Location, files: list[ExportFile],
     settings: Settings, progress: Progress | None = None, first_file_no: int = 0,
@@ -241,7 +225,7 @@ def stage_files(
                 current = {"file": item.file.name, "records": 0, "staged": 0, "quarantined": 0, "format": None}
             elif isinstance(item, ChunkResult):
                 if item.copy_text:
-                    cur.copy_expert(_COPY_STAGING, _StringStream(item.copy_text), size=1 << 20)
+                    cur.copy_expert(_COPY_STAGING, io.BytesIO(item.copy_text.encode()), size=1 << 20)
                 if item.quarantine:
                     execute_values(cur, _INSERT_QUARANTINE, item.quarantine, page_size=500)
                 current["records"] += item.records
@@ -256,7 +240,10 @@ def stage_files(
                         item.problem.reason, item.problem.message, None, None,
                     )])  # fmt: skip
                     current["quarantined"] += 1
-                file_format = {"document": current["format"] or "resource"}.get(export_file.format, export_file.format)
+                # A JSON document is recorded as what it turned out to hold: a Bundle or a single resource.
+                file_format = export_file.format
+                if file_format == "document":
+                    file_format = current["format"] or "resource"
                 cur.execute(
                     """INSERT INTO ops.ingest_file
                            (run_id, file, format, resource_type, records, staged, quarantined, manifest_count)
