@@ -13,7 +13,7 @@ import pytest
 from odyssey_batch.cli.main import example_export
 from tests.conftest import run_sql
 
-COMMANDS = ["db", "ingest", "runs", "quarantine", "demo"]
+COMMANDS = ["db", "ingest", "runs", "quarantine", "synth", "demo"]
 
 
 def cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
@@ -91,16 +91,33 @@ def test_demo_on_the_embedded_server_and_db_url(tmp_path):
     env = {"ODYSSEY_HOME": str(tmp_path / "demo-home"), "ODYSSEY_DATABASE_URL": ""}
     try:
         demo = json.loads(cli("demo", "--json", env=env).stdout)
-        assert demo["ingest"]["loaded"] == 28 and demo["ingest"]["quarantined"] == 0
-        assert demo["tables"]["ehr.patient"] == 3 and demo["tables"]["ehr.observation"] == 10
+        synth, ingested = demo["synth"], demo["ingest"]
+        assert synth["patients"] == 300 and synth["resources"] == ingested["records"] > 10_000
+        assert ingested["loaded"] == ingested["records"] and ingested["quarantined"] == 0
+        assert demo["tables"]["ehr.patient"] == 300
+        assert demo["tables"]["ehr.observation"] == synth["counts"]["Observation"]
         url = cli("db", "url", env=env).stdout.strip()
         assert url == demo["warehouse"]["url"] and "host=" in url
         # The server keeps running between commands, so psql (here psycopg2) can use the printed URL.
-        assert run_sql(url, "SELECT count(*) FROM ehr.encounter") == [(5,)]
-        # Running the demo again reuses the server and changes nothing.
+        assert run_sql(url, "SELECT count(*) FROM ehr.encounter") == [(synth["counts"]["Encounter"],)]
+        # Running the demo again regenerates the same export (same seed) and changes nothing.
         again = json.loads(cli("demo", "--json", env=env).stdout)
-        assert again["ingest"]["unchanged"] == 28 and again["ingest"]["loaded"] == 0
+        assert again["ingest"]["unchanged"] == ingested["records"] and again["ingest"]["loaded"] == 0
         assert json.loads(cli("db", "status", "--json", env=env).stdout)["embedded_running"] is True
     finally:
         cli("db", "stop", env=env, check=False)
     assert json.loads(cli("db", "status", "--json", env=env).stdout)["embedded_running"] is False
+
+
+def test_synth_writes_an_export_and_refuses_a_non_empty_folder(tmp_path):
+    out = tmp_path / "export"
+    data = json.loads(cli("synth", "--patients", "40", "--seed", "2", "--json", str(out), env={}).stdout)
+    assert data["patients"] == 40 and data["counts"]["Patient"] == 40
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Condition.ndjson.gz", "Encounter.ndjson.gz", "MedicationRequest.ndjson.gz", "Observation.ndjson.gz",
+        "Patient.ndjson.gz", "Procedure.ndjson.gz", "manifest.json", "truth.parquet",
+    ]  # fmt: skip
+    again = cli("synth", "--patients", "40", str(out), env={}, check=False)
+    assert again.returncode == 1 and "not empty" in again.stderr
+    human = cli("synth", "--patients", "40", "--seed", "2", str(tmp_path / "other"), env={}).stdout
+    assert "40 patients" in human and "mortality_30d" in human

@@ -290,10 +290,74 @@ def quarantine(
             console.print(f"    {ex['source']}{line}  {ex['error']}")
 
 
+# ------------------------------------------------------------------------------------------------ synth
+def _print_synth_summary(data: dict[str, Any]) -> None:
+    counts = [[t, n] for t, n in data["counts"].items()]
+    console.print(table(f"Synthetic export: {data['out']}", ["resource type", "resources"], counts))
+    console.print()
+    points = [[t, n, f"{data['prevalence'].get(t, 0):.1%}"] for t, n in data["truth_points"].items()]
+    title = "Prediction points in truth.parquet (never read by ingest or training)"
+    console.print(table(title, ["task", "points", "label prevalence"], points))
+    console.print(f"\n{data['patients']:,} patients, {data['resources']:,} resources in {data['seconds']:.1f} s.")
+    late = sum(data["late_counts"].values())
+    if late:
+        console.print(f"Late-arriving files: {late:,} resources in late/ (ingest them after the main export).")
+
+
+MESSY_HELP = (
+    "Add real-world rough edges: corrected duplicate labs (newer versions), labs in other units, visits "
+    "without an end, and late-arriving files (late/, a second export to ingest afterwards)."
+)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the export to (created; must be empty).")],
+    patients: Annotated[int, typer.Option(min=1, help="How many patients.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same bytes.")] = 0,
+    start: Annotated[str, typer.Option(help="First day of the history (YYYY-MM-DD).")] = "2015-01-01",
+    end: Annotated[str, typer.Option(help="Export time: nothing happens after it (YYYY-MM-DD).")] = "2026-01-01",
+    messy: Annotated[bool, typer.Option(help=MESSY_HELP)] = False,
+    workers: Annotated[int, typer.Option(help="Worker processes (0 = one per CPU core).")] = 0,
+    json_output: JsonOption = False,
+) -> None:
+    """Write a synthetic FHIR R4 Bulk Data export whose outcomes follow a known hidden risk model.
+
+    Writes `<Type>.ndjson.gz` files and a Bulk Data `manifest.json` that `odyssey-batch ingest` loads with
+    nothing quarantined, plus `truth.parquet`: for every prediction point of the six clinical tasks, the
+    probability the generator used and the resulting label (the oracle for evaluation). The risk model is
+    documented in `odyssey_batch/synth/risk.py` and the README.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from odyssey_batch.synth import generate
+
+    show = not json_output and err_console.is_terminal
+    bar = Progress("[bold]patients", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err_console, transient=True, disable=not show)  # fmt: skip
+    with bar:
+        task = bar.add_task("patients", total=patients)
+        try:
+            result = generate(out, patients, seed, start=start, end=end, messy=messy, workers=workers,
+                              progress=lambda n: bar.advance(task, n))  # fmt: skip
+        except (ValueError, FileExistsError) as exc:
+            err_console.print(f"[red]synth failed:[/] {exc}")
+            raise typer.Exit(1) from exc
+    data = result.as_dict()
+    if json_output:
+        emit_json(data)
+    else:
+        _print_synth_summary(data)
+
+
 # ------------------------------------------------------------------------------------------------- demo
 def example_export() -> Path:
     """The tiny hand-written export shipped with the package."""
     return Path(str(resources.files("odyssey_batch") / "examples" / "tiny_export"))
+
+
+DEMO_PATIENTS = 300
+DEMO_SEED = 42
 
 
 @app.command()
@@ -301,9 +365,13 @@ def demo(json_output: JsonOption = False) -> None:
     """Run every stage built so far on the embedded Postgres, and show what each did.
 
     Always uses the embedded server under ODYSSEY_HOME (never a configured production warehouse).
-    Today: start the server, migrate the schema, ingest the example export shipped with the package.
+    Today: start the server, migrate the schema, generate a synthetic export of 300 patients (seed 42) and
+    ingest it.
     """
+    import shutil
+
     from odyssey_batch.ingest import ingest as run_ingest
+    from odyssey_batch.synth import generate
     from odyssey_batch.warehouse import connect, upgrade
     from odyssey_batch.warehouse import embedded as embedded_server
 
@@ -316,9 +384,15 @@ def demo(json_output: JsonOption = False) -> None:
     steps["warehouse"] = {"url": url, "migrations_applied": [m.version for m in upgrade(url)]}
     if not json_output:
         console.print(f"Warehouse ready: {url}\n")
-        console.rule("[bold]1. Ingest")
+        console.rule("[bold]1. Synthetic export")
+    export = settings.home / "demo" / f"synthetic-{DEMO_PATIENTS}-seed{DEMO_SEED}"
+    shutil.rmtree(export, ignore_errors=True)
+    steps["synth"] = generate(export, DEMO_PATIENTS, DEMO_SEED).as_dict()
+    if not json_output:
+        _print_synth_summary(steps["synth"])
+        console.rule("[bold]2. Ingest")
     with IngestProgress(enabled=not json_output) as progress:
-        result = run_ingest(str(example_export()), settings, url=url, progress=progress)
+        result = run_ingest(str(export), settings, url=url, progress=progress)
     steps["ingest"] = result.as_dict()
     conn = connect(url)
     try:

@@ -7,7 +7,8 @@ Recognized:
   document...) or a single resource.
 - The Bulk Data ``manifest.json``: ``transactionTime``, ``output[].count`` (checked against what is read) and
   ``error[]`` files (their OperationOutcomes are quarantined as export errors).
-- A bulk client's ``log.ndjson`` and any other file are listed as ignored, never loaded.
+- A bulk client's ``log.ndjson`` and any other file are listed as ignored, never loaded; so is a subfolder with
+  a ``manifest.json`` of its own (another export, such as late-arriving files: ingest it on its own).
 """
 
 from __future__ import annotations
@@ -77,12 +78,17 @@ def _url_name(url: str) -> str:
 
 def plan_export(location: Location) -> ExportPlan:
     files = location.list_files()
+    manifests = [f for f in files if posixpath.basename(f.name).lower() in MANIFEST_NAMES]
+    manifest_file = next((f for f in manifests if "/" not in f.name), None)
+    # A subfolder with a manifest of its own is another export (e.g. late-arriving files): ingest it separately.
+    nested = tuple(posixpath.dirname(f.name) + "/" for f in manifests if "/" in f.name)
+    plan = ExportPlan(files=[])
+    plan.ignored.extend(f.name for f in files if f.name.startswith(nested))
+    files = [f for f in files if not f.name.startswith(nested)]
     by_base = {posixpath.basename(f.name): f for f in files}
-    manifest_file = next((f for f in files if posixpath.basename(f.name).lower() in MANIFEST_NAMES), None)
 
     declared: dict[str, tuple[str | None, int | None]] = {}
     error_files: set[str] = set()
-    plan = ExportPlan(files=[])
     if manifest_file is not None:
         with location.open(manifest_file.name) as fh:
             try:

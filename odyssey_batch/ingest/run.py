@@ -28,7 +28,6 @@ from psycopg2.extras import execute_values
 
 from odyssey_batch.ingest.commit import commit_run, purge_staging
 from odyssey_batch.ingest.discover import ExportFile, ExportPlan, ManifestError, plan_export
-from odyssey_batch.ingest.parallel import Marker, ordered_map
 from odyssey_batch.ingest.reader import ReadProblem, iter_line_chunks, read_document
 from odyssey_batch.ingest.stage import (
     QUARANTINE_COLUMNS,
@@ -38,6 +37,7 @@ from odyssey_batch.ingest.stage import (
     LinesJob,
     process,
 )
+from odyssey_batch.parallel import Marker, ordered_map
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage import Location, open_location
 from odyssey_batch.warehouse import connect, database_url
