@@ -93,6 +93,17 @@ def test_round_trip_through_ingest_with_zero_quarantine(tmp_path, db_url, settin
         ("EMER",),
         ("IMP",),
     ]
+    # Every prediction point names its stay, at the exact time the warehouse shows for it.
+    truth = pd.read_parquet(out / "truth.parquet")
+    stays = {
+        encounter: (start, end)
+        for encounter, start, end in run_sql(
+            db_url, "SELECT encounter_id, start_time, end_time FROM ehr.encounter WHERE class_code = 'IMP'"
+        )
+    }
+    for task, encounter, when in zip(truth["task"], truth["encounter_id"], truth["prediction_time"], strict=True):
+        start, end = stays[encounter]
+        assert when.to_pydatetime() == (start + dt.timedelta(hours=24) if task == "los_7d" else end), task
     # Inpatient stays from hours to weeks.
     hours = run_sql(
         db_url,

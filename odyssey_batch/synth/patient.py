@@ -36,7 +36,7 @@ class Options:
 class Output:
     lines: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in TYPES})
     late: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in TYPES})  # messy: a later export
-    truth: list[tuple] = field(default_factory=list)  # (task, patient_id, prediction_time, p, label, censored, enc)
+    truth: list[list] = field(default_factory=list)  # [task, patient_id, prediction_time, p, label, censored, enc]
 
 
 @dataclass
@@ -533,8 +533,13 @@ class PatientSimulator:
 
     def truth(self, task: str, when: float, p: float, eid: str, *, window_end: float, group: str | None = None,
               label: bool | None = None) -> None:  # fmt: skip
-        """Record a prediction point; labels are read off the realized history by ``settle``."""
-        self.out.truth.append([task, self.pid, when, p, label, window_end > self.opts.end, eid, group, window_end])
+        """Record a prediction point; labels are read off the realized history by ``settle``.
+
+        The time is whole seconds, as the export writes it, so that it equals the encounter's end (discharge)
+        or start + 24 h (length of stay) in the warehouse.
+        """
+        point = float(math.floor(when))
+        self.out.truth.append([task, self.pid, point, p, label, window_end > self.opts.end, eid, group, window_end])
 
     def settle(self) -> None:
         """Labels as the export shows them: what happened inside the window, before the export."""
