@@ -45,6 +45,11 @@ class Settings:
     # Ingest: parallel validation workers (0 = number of CPU cores) and lines per work chunk.
     ingest_workers: int = 0
     ingest_chunk_lines: int = 2000
+    # Data-quality gate: code systems allowed in the ehr tables (short names, comma separated), the largest
+    # share of a run's lines that may be quarantined, and the largest drop of a table's row count between checks.
+    dq_code_systems: str = "SNOMED,LOINC,RXNORM,ICD10CM,ICD10PCS,ICD9CM,CPT,LOCAL"
+    dq_max_quarantine_rate: float = 0.05
+    dq_max_volume_drop: float = 0.5
 
     @property
     def embedded(self) -> bool:
@@ -70,6 +75,8 @@ def _coerce(name: str, raw: Any) -> Any:
         return str(raw).strip().lower() in {"1", "true", "yes", "on"}
     if kind == "int":
         return int(raw)
+    if kind == "float":
+        return float(raw)
     return str(raw)
 
 

@@ -290,6 +290,67 @@ def quarantine(
             console.print(f"    {ex['source']}{line}  {ex['error']}")
 
 
+# --------------------------------------------------------------------------------------------- validate
+@app.command()
+def validate(
+    run_id: Annotated[
+        int | None,
+        typer.Option(help="Validate the rows this run wrote (default: the whole warehouse, for the latest run)."),
+    ] = None,
+    docs: Annotated[bool, typer.Option(help="Write the Great Expectations Data Docs site.")] = True,
+    json_output: JsonOption = False,
+) -> None:
+    """Run the data-quality gate (Great Expectations) on the warehouse, store the results, judge the run.
+
+    Checks identity, references, times, codes, lab units and values, volumes against the Bulk Data manifest and
+    the previous check, and the quarantine rate. Results go to `ops.dq_result`, the Data Docs site to the
+    object store. Any failed *critical* expectation marks the run `rejected` and exits with status 1; later
+    stages refuse a rejected run unless accepted (`odyssey-batch accept-run`).
+    """
+    from odyssey_batch.quality.gate import validate as run_validate
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = _settings()
+    url = database_url(settings)
+    upgrade(url)
+    if not json_output:
+        err_console.print("Validating with Great Expectations ...")
+    try:
+        verdict = run_validate(url, settings, run_id, data_docs=docs)
+    except LookupError as exc:
+        err_console.print(f"[red]validate failed:[/] {exc}")
+        raise typer.Exit(2) from exc
+    if json_output:
+        emit_json(verdict.as_dict())
+    else:
+        console.print(verdict.message())
+        console.print(f"{verdict.rows_checked:,} rows in {verdict.seconds:.1f} s. Results: ops.dq_result "
+                      f"(check {verdict.check_id}).")  # fmt: skip
+        if verdict.data_docs:
+            console.print(f"Data Docs: {verdict.data_docs}")
+    if not verdict.success:
+        raise typer.Exit(1)
+
+
+@app.command("accept-run")
+def accept_run(
+    run_id: Annotated[int, typer.Argument(help="The rejected ingest run to accept.")],
+    reason: Annotated[str, typer.Option(help="Why building on this run is acceptable (recorded).")],
+    by: Annotated[str | None, typer.Option(help="Who decides (default: the current user).")] = None,
+) -> None:
+    """Accept a run the data-quality gate rejected, so later stages may build on it. Recorded with who and when."""
+    from odyssey_batch.quality.gate import accept_run as record_acceptance
+    from odyssey_batch.warehouse import database_url
+
+    url = database_url(_settings())
+    try:
+        who = record_acceptance(url, run_id, reason, by)
+    except (LookupError, ValueError) as exc:
+        err_console.print(f"[red]accept-run failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"Run {run_id} accepted by {who}.")
+
+
 # ------------------------------------------------------------------------------------------------ synth
 def _print_synth_summary(data: dict[str, Any]) -> None:
     counts = [[t, n] for t, n in data["counts"].items()]
