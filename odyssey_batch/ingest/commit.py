@@ -347,3 +347,16 @@ def commit_run(conn: psycopg2.extensions.connection, run_id: int) -> dict[str, A
             (orjson.dumps(counts).decode(), run_id),
         )
     return counts
+
+
+ANALYZED_TABLES = (
+    "fhir.resource", "ehr.patient", "ehr.encounter", "ehr.condition", "ehr.procedure", "ehr.medication_request",
+    "ehr.observation", "ehr.observation_component", "ops.quarantine",
+)  # fmt: skip
+
+
+def refresh_statistics(conn: psycopg2.extensions.connection) -> None:
+    """ANALYZE the tables a run wrote, so that the planner knows their new size (a fresh bulk load otherwise
+    leaves it guessing: the quality checks ran 4x slower)."""
+    with conn, conn.cursor() as cur:
+        cur.execute(f"ANALYZE {', '.join(ANALYZED_TABLES)}")

@@ -26,7 +26,7 @@ import orjson
 import psycopg2.extensions
 from psycopg2.extras import execute_values
 
-from odyssey_batch.ingest.commit import commit_run, purge_staging
+from odyssey_batch.ingest.commit import commit_run, purge_staging, refresh_statistics
 from odyssey_batch.ingest.discover import ExportFile, ExportPlan, ManifestError, plan_export
 from odyssey_batch.ingest.reader import ReadProblem, iter_line_chunks, read_document
 from odyssey_batch.ingest.stage import (
@@ -298,6 +298,7 @@ def ingest(
                     )
             progress.phase("merging into the warehouse")
             counts = commit_run(conn, run_id)
+            refresh_statistics(conn)
         except BaseException as exc:
             with contextlib.suppress(Exception):  # the database may be the problem; the next run cleans up
                 fail_run(conn, run_id, exc)

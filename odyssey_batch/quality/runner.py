@@ -121,9 +121,13 @@ def run_suites(url: str, suites: list[Suite], run_id: int, *, whole_warehouse: b
             definitions.append((suite, definition, result_format))
 
     findings: list[Finding] = []
-    for suite, definition, result_format in definitions:
-        result = definition.run(result_format=result_format)
-        findings.extend(_finding(suite, r) for r in result.results)
-    if docs_dir is not None:
-        context.build_data_docs(site_names=["odyssey"])
+    try:
+        for suite, definition, result_format in definitions:
+            result = definition.run(result_format=result_format)
+            findings.extend(_finding(suite, r) for r in result.results)
+        if docs_dir is not None:
+            context.build_data_docs(site_names=["odyssey"])
+    finally:
+        # GX keeps its SQLAlchemy pool open; close it so no connection outlives the validation.
+        source.get_engine().dispose()
     return findings
