@@ -50,6 +50,18 @@ class Settings:
     dq_code_systems: str = "SNOMED,LOINC,RXNORM,ICD10CM,ICD10PCS,ICD9CM,CPT,LOCAL"
     dq_max_quarantine_rate: float = 0.05
     dq_max_volume_drop: float = 0.5
+    # Tokenization: the longest model input (most recent tokens, cut at a visit boundary), how often a code must
+    # appear in training sequences to get its own token, lab value bins per code, patients read per chunk.
+    max_length: int = 2048
+    vocab_min_count: int = 5
+    lab_bins: int = 5
+    tokenize_chunk_patients: int = 2000
+    # Splits by a stable hash of the patient id: the salt and the train / validation fractions (rest: test).
+    split_salt: str = "odyssey-v1"
+    split_train: float = 0.8
+    split_validation: float = 0.1
+    # The clinical task registry (TOML); empty means the packaged default six tasks.
+    tasks_file: str = ""
 
     @property
     def embedded(self) -> bool:

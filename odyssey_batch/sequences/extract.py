@@ -1,0 +1,104 @@
+"""Read patients' records out of the warehouse, a range of patient ids at a time (bounded memory).
+
+Patients are taken in ``patient_id`` order in chunks; each chunk is six range queries over the ``ehr`` tables'
+``patient_id`` indexes. Nothing here decides what enters a sequence: that is ``timeline.build_timeline``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import psycopg2.extensions
+
+from odyssey_batch.sequences.grammar import TokenType
+from odyssey_batch.sequences.labs import canonical_value
+from odyssey_batch.sequences.timeline import Encounter, Event, PatientRecord, condition_known_time
+
+_EPOCH = "extract(epoch FROM {})::float8"
+
+
+def _t(column: str) -> str:
+    return _EPOCH.format(column)
+
+
+def _queries(display: bool) -> dict[str, str]:
+    d = ", display" if display else ", NULL"
+    od = ", o.display" if display else ", NULL"
+    cd = ", c.display" if display else ", NULL"
+    return {
+        "patient": f"SELECT patient_id, {_t('birth_date')}, {_t('death_time')} FROM ehr.patient WHERE {{where}}",
+        "encounter": f"""SELECT patient_id, encounter_id, class_code, {_t("start_time")}, {_t("end_time")}
+                         FROM ehr.encounter WHERE {{where}}""",
+        "condition": f"""SELECT patient_id, encounter_id, code_system, code, {_t("onset_time")},
+                                {_t("recorded_time")}{d}
+                         FROM ehr.condition WHERE code IS NOT NULL AND {{where}}""",
+        "procedure": f"""SELECT patient_id, encounter_id, code_system, code, {_t("performed_time")}{d}
+                         FROM ehr.procedure WHERE code IS NOT NULL AND {{where}}""",
+        "medication": f"""SELECT patient_id, encounter_id, code_system, code, {_t("authored_time")}{d}
+                          FROM ehr.medication_request WHERE code IS NOT NULL AND {{where}}""",
+        # an observation with components and no value of its own (a blood-pressure panel) is its components
+        "observation": f"""SELECT o.patient_id, o.encounter_id, o.code_system, o.code, {_t("o.effective_time")},
+                                  o.value_num, o.unit{od}
+                           FROM ehr.observation o
+                           WHERE o.code IS NOT NULL AND {{where}}
+                             AND (o.value_num IS NOT NULL OR NOT EXISTS (
+                                  SELECT 1 FROM ehr.observation_component c WHERE c.observation_id = o.observation_id))
+                           UNION ALL
+                           SELECT o.patient_id, o.encounter_id, c.code_system, c.code, {_t("o.effective_time")},
+                                  c.value_num, c.unit{cd}
+                           FROM ehr.observation o JOIN ehr.observation_component c USING (observation_id)
+                           WHERE c.code IS NOT NULL AND {{where}}""",
+    }
+
+
+def patient_ids(conn: psycopg2.extensions.connection) -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT patient_id FROM ehr.patient ORDER BY patient_id")
+        return [r[0] for r in cur.fetchall()]
+
+
+def iter_records(
+    conn: psycopg2.extensions.connection, ids: list[str], chunk: int = 2000, *, display: bool = False
+) -> Iterator[list[PatientRecord]]:
+    """The records of ``ids`` (sorted, as ``patient_ids`` returns them), ``chunk`` patients at a time."""
+    for i in range(0, len(ids), chunk):
+        part = ids[i : i + chunk]
+        yield read_records(conn, "{p}patient_id BETWEEN %(lo)s AND %(hi)s", {"lo": part[0], "hi": part[-1]}, display)
+
+
+def read_patient(conn: psycopg2.extensions.connection, patient_id: str, *, display: bool = True) -> PatientRecord:
+    records = read_records(conn, "{p}patient_id = %(id)s", {"id": patient_id}, display)
+    if not records:
+        raise LookupError("no patient with that id in the warehouse")
+    return records[0]
+
+
+def read_records(conn: psycopg2.extensions.connection, where: str, params: dict, display: bool) -> list[PatientRecord]:
+    queries = _queries(display)
+    records: dict[str, PatientRecord] = {}
+    with conn.cursor() as cur:
+        cur.execute(queries["patient"].format(where=where.format(p="")), params)
+        for pid, birth, death in cur.fetchall():
+            records[pid] = PatientRecord(pid, birth, death)
+        starts: dict[str, float | None] = {}
+        cur.execute(queries["encounter"].format(where=where.format(p="")), params)
+        for pid, eid, klass, start, end in cur.fetchall():
+            records[pid].encounters.append(Encounter(eid, klass, start, end))
+            starts[eid] = start
+        cur.execute(queries["condition"].format(where=where.format(p="")), params)
+        for pid, eid, system, code, onset, recorded, name in cur.fetchall():
+            when = condition_known_time(onset, recorded, starts.get(eid))
+            records[pid].events.append(Event(when, TokenType.CONDITION, f"{system}:{code}", eid, display=name))
+        for table, kind in (("procedure", TokenType.PROCEDURE), ("medication", TokenType.MEDICATION)):
+            cur.execute(queries[table].format(where=where.format(p="")), params)
+            for pid, eid, system, code, when, name in cur.fetchall():
+                records[pid].events.append(Event(when, kind, f"{system}:{code}", eid, display=name))
+        cur.execute(queries["observation"].format(where=where.format(p="o.")), params)
+        for pid, eid, system, code, when, value, unit, name in cur.fetchall():
+            if value is None:
+                number, unit = math.nan, unit
+            else:
+                number, unit = canonical_value(system, code, unit, float(value))
+            records[pid].events.append(Event(when, TokenType.LAB, f"{system}:{code}", eid, number, unit, name))
+    return list(records.values())
