@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from odyssey_batch import __version__
-from odyssey_batch.cli.output import IngestProgress, console, emit_json, err_console, table
+from odyssey_batch.cli.output import IngestProgress, StageProgress, console, emit_json, err_console, table
 from odyssey_batch.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -352,6 +352,115 @@ def accept_run(
 
 
 # ------------------------------------------------------------------------------------------------ synth
+def _print_tokenize_summary(data: dict[str, Any]) -> None:
+    patients = data["patients"]
+    console.print(
+        f"Dataset version [bold]{data['dataset_version_id']}[/]: {sum(patients.values()):,} patients "
+        f"(train {patients['train']:,}, validation {patients['validation']:,}, test {patients['test']:,}), "
+        f"{data['visits']:,} visits, {data['events']:,} events, {data['tokens']:,} tokens, "
+        f"vocabulary {data['vocab_size']:,} tokens, in {data['seconds']:.1f} s."
+    )
+    rates = ", ".join(f"{k} {v:.2%}" for k, v in data["unknown_rate"].items())
+    console.print(f"Event tokens not in the vocabulary ([UNK]): {rates}.")
+    if data["dropped"]:
+        console.print(
+            "Left out of sequences: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in data["dropped"].items())
+        )
+    rows = [[t, c["points"], c["positive"], c["negative"], c["censored"],
+             f"{c['positive'] / (c['positive'] + c['negative']):.1%}" if c["positive"] + c["negative"] else "-"]
+            for t, c in data["labels"].items()]  # fmt: skip
+    console.print(table(f"Labels (ehr.task_label), data until {data['data_end'][:10]}",
+                        ["task", "points", "positive", "negative", "censored", "prevalence"], rows))  # fmt: skip
+    console.print(f"Manifest: {data['location']}")
+
+
+@app.command()
+def tokenize(
+    max_length: Annotated[
+        int | None, typer.Option(help="Longest model input in tokens (default ODYSSEY_MAX_LENGTH, 2048).")
+    ] = None,
+    min_count: Annotated[
+        int | None, typer.Option(help="Training occurrences a code needs for its own token (default 5).")
+    ] = None,
+    lab_bins: Annotated[int | None, typer.Option(help="Quantile bins per lab code (default 5).")] = None,
+    accept_run: Annotated[
+        list[int] | None,
+        typer.Option("--accept-run", help="Build on this rejected ingest run anyway (recorded; repeatable)."),
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Turn the validated warehouse into EHRMamba token sequences and clinical task labels.
+
+    Builds a new dataset version: one sequence per patient (`[CLS] [VS] events [VE] [REG] <interval> [VS] ...`
+    with six side streams), lab values binned per code and a vocabulary, both fitted on the training split only,
+    splits by a stable hash of the patient id, and the labels of every task in the registry
+    (`ODYSSEY_TASKS_FILE`, default: mortality_30d, los_7d, readmission_30d, hypertension_1y,
+    fluid_electrolyte_1y, lipid_disorder_1y). Parquet shards and a manifest go to the object store under
+    `datasets/v<N>/`; `ops.dataset_version` records the version and `ehr.task_label` gets its labels.
+
+    Refuses to run while an ingest run is rejected by the data-quality gate or not yet validated.
+    """
+    from odyssey_batch.quality.gate import RunRejected
+    from odyssey_batch.sequences.dataset import TokenizeOptions
+    from odyssey_batch.sequences.dataset import tokenize as run_tokenize
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = _settings()
+    url = database_url(settings)
+    upgrade(url)
+    options = TokenizeOptions.from_settings(settings, max_length=max_length, min_count=min_count, lab_bins=lab_bins)
+    try:
+        with StageProgress(enabled=not json_output) as progress:
+            result = run_tokenize(url, settings, options, accept=set(accept_run or ()), progress=progress.update)
+    except RunRejected as exc:
+        err_console.print(f"[red]tokenize refused:[/] {exc}")
+        raise typer.Exit(1) from exc
+    except (LookupError, ValueError) as exc:
+        err_console.print(f"[red]tokenize failed:[/] {exc}")
+        raise typer.Exit(2) from exc
+    if json_output:
+        emit_json(result.as_dict())
+    else:
+        _print_tokenize_summary(result.as_dict())
+
+
+@app.command("show-patient")
+def show_patient(
+    patient_id: Annotated[str, typer.Argument(help="The patient's id (ehr.patient.patient_id).")],
+    dataset: Annotated[int | None, typer.Option(help="Dataset version (default: the latest ready one).")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Print one patient's timeline and tokens side by side: time, age, visit, token, and what it means.
+
+    Uses the vocabulary and lab bins of a dataset version; labs show their value, unit and bin (very low, low,
+    normal, high, very high: the quintiles of the training split). Codes outside the vocabulary are marked.
+    """
+    from odyssey_batch.sequences.store import open_dataset
+    from odyssey_batch.sequences.view import patient_view
+    from odyssey_batch.warehouse import database_url
+
+    settings = _settings()
+    url = database_url(settings)
+    try:
+        rows, summary = patient_view(url, open_dataset(url, settings, dataset), patient_id)
+    except LookupError as exc:
+        err_console.print(f"[red]show-patient failed:[/] {exc}")
+        raise typer.Exit(2) from exc
+    if json_output:
+        emit_json({**summary, "tokens": [r.__dict__ for r in rows]})
+        return
+    console.print(
+        f"[bold]{summary['visits']} visits, {summary['tokens']} tokens[/] (vocabulary and lab bins of dataset "
+        f"version {summary['dataset_version']})"
+    )
+    width = max((len(r.token) for r in rows), default=10)
+    print(f"{'time':16}  {'age':>5}  {'visit':>5}  {'id':>6}  {'token':{width}}  meaning")
+    for r in rows:
+        print(f"{r.time:16}  {r.age:5.1f}  {r.visit:5}  {r.token_id:6}  {r.token:{width}}  {r.meaning}")
+    if summary["dropped"]:
+        console.print("Left out: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["dropped"].items()))
+
+
 def _print_synth_summary(data: dict[str, Any]) -> None:
     counts = [[t, n] for t, n in data["counts"].items()]
     console.print(table(f"Synthetic export: {data['out']}", ["resource type", "resources"], counts))
@@ -426,8 +535,8 @@ def demo(json_output: JsonOption = False) -> None:
     """Run every stage built so far on the embedded Postgres, and show what each did.
 
     Always uses the embedded server under ODYSSEY_HOME (never a configured production warehouse).
-    Today: start the server, migrate the schema, generate a synthetic export of 300 patients (seed 42) and
-    ingest it.
+    Today: start the server, migrate the schema, generate a synthetic export of 300 patients (seed 42), ingest
+    it, validate it with the data-quality gate, and tokenize it into a dataset with task labels.
     """
     import shutil
 
@@ -466,15 +575,39 @@ def demo(json_output: JsonOption = False) -> None:
     finally:
         conn.close()
     steps["tables"] = counts
+    if not json_output:
+        _print_ingest_summary(steps["ingest"])
+        console.print()
+        console.print(table("Warehouse tables now", ["table", "rows"], [[k, v] for k, v in counts.items()]))
+        console.rule("[bold]3. Data-quality gate")
+        err_console.print("Validating with Great Expectations ...")
+    from odyssey_batch.quality.gate import validate as run_validate
+    from odyssey_batch.sequences.dataset import tokenize as run_tokenize
+
+    verdict = run_validate(url, settings, result.run_id)
+    steps["validate"] = verdict.as_dict()
+    if not json_output:
+        console.print(verdict.message())
+        if verdict.data_docs:
+            console.print(f"Data Docs: {verdict.data_docs}")
+    if not verdict.success:
+        if json_output:
+            emit_json(steps)
+        raise typer.Exit(1)
+    if not json_output:
+        console.rule("[bold]4. Tokenize and label")
+    with StageProgress(enabled=not json_output) as progress:
+        tokens = run_tokenize(url, settings, progress=progress.update)
+    steps["tokenize"] = tokens.as_dict()
     if json_output:
         emit_json(steps)
         return
-    _print_ingest_summary(steps["ingest"])
-    console.print()
-    console.print(table("Warehouse tables now", ["table", "rows"], [[k, v] for k, v in counts.items()]))
+    _print_tokenize_summary(steps["tokenize"])
     console.print(
         "\nExplore it with SQL:\n"
         f'  psql "{url}" -c "SELECT class_code, count(*) FROM ehr.encounter GROUP BY 1"\n'
+        f'  psql "{url}" -c "SELECT task, count(*), avg(label::int) FROM ehr.task_label GROUP BY 1"\n'
+        "See one patient's tokens: odyssey-batch show-patient <patient_id>\n"
         "Stop the server with `odyssey-batch db stop`."
     )
 

@@ -83,3 +83,36 @@ class IngestProgress:
     def phase(self, description: str) -> None:
         if self.task is not None:
             self.bar.update(self.task, description=description)
+
+
+class StageProgress:
+    """A progress bar over the phases of a stage (``update(phase, done, total)``), on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and err_console.is_terminal
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,}/{task.total:,}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> StageProgress:
+        if self.enabled:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(phase, total=total)
+        self.bar.update(self.tasks[phase], completed=done, total=total)
