@@ -11,8 +11,8 @@ Times are seconds since the Unix epoch (UTC), as floats. Rules, each a deliberat
 * A visit is a group of encounters whose spans overlap or touch (an emergency visit ending as the admission
   starts is one visit); a span runs from the earliest to the latest of the encounter's period and its events.
   Encounters without events make no visit (but still count as stays for the labels).
-* An event linked to no known encounter joins the visit whose span holds its time, else it is dropped and
-  counted (``unlinked``).
+* An event linked to no known encounter joins the encounter whose period holds its time, else the visit whose
+  span holds it, else it is dropped and counted (``unlinked``).
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ def build_timeline(record: PatientRecord) -> Timeline:
         if death is not None and event.time > death:  # type: ignore[operator]
             dropped["after_death"] += 1
             continue
+        if enc is None:  # not linked: the encounter whose period holds it, if any
+            enc = next((e for e in encounters if e.start <= event.time <= (e.end or e.start)), None)  # type: ignore[operator]
         if enc is None:
             loose.append(event)
         else:

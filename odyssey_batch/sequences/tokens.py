@@ -133,10 +133,11 @@ def window(streams: dict[str, np.ndarray], end: int, max_length: int) -> dict[st
         start += int(boundaries[0])
         prefix = [(CLS_ID, TokenType.CLS)]
     else:
-        start += 2  # room for [CLS] [VS]
+        start += 1  # room for [CLS] and a synthetic [VS]
         prefix = [(CLS_ID, TokenType.CLS), (VS_ID, TokenType.VS)]
     kept = {name: out[name][start:end] for name in STREAMS}
-    first_order = int(kept["visit_orders"][kept["visit_orders"] > 0].min(initial=1))
+    visited = kept["visit_orders"][kept["visit_orders"] > 0]
+    first_order = int(visited.min()) if visited.size else 1
     orders = np.where(kept["visit_orders"] > 0, kept["visit_orders"] - first_order + 1, 0)
     segments = np.where(kept["visit_segments"] > 0, (orders - 1) % 2 + 1, 0)
     n = len(prefix)
