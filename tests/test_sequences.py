@@ -133,9 +133,27 @@ def test_event_times_diagnoses_known_when_recorded_and_unlinked_events():
     assert condition_known_time(T0 - 9e7, None, T0) == T0 and condition_known_time(T0 - 9e7, T0 + 5, T0) == T0 + 5
     record.events[0] = ev("a", condition_known_time(T0 - 5 * 365 * DAY, None, T0), C, "ICD10CM:E11")
     timeline = build_timeline(record)
-    assert timeline.dropped == Counter({"unlinked": 1, "no_time": 1})
+    assert timeline.dropped == Counter({"outside_visit": 1, "no_time": 1})
     assert tokens_of(record) == ["[CLS]", "[VS]", "cond:ICD10CM:E11", "proc:SNOMED:9", "[VE]", "[REG]", "[M_0]",
                                  "[VS]", "lab:LOINC:y", "[VE]", "[REG]"]  # fmt: skip
+
+
+def test_visits_come_from_encounter_periods_only():
+    # a result dated two days after its visit ended moves nothing: it is outside every visit
+    late = patient([enc("a", T0, 2), enc("b", T0 + 10 * DAY, 1)], [ev("a", T0), ev("a", T0 + 2 * DAY, L, "LOINC:x")])
+    timeline = build_timeline(late)
+    assert [(v.start, v.end) for v in timeline.visits] == [(T0, T0 + 2 * HOUR), (T0 + 10 * DAY, T0 + 10 * DAY + HOUR)]
+    assert timeline.dropped == Counter({"outside_visit": 1})
+    # an encounter without events is still a visit
+    assert tokens_of(late)[5:] == ["[W_1]", "[VS]", "[VE]", "[REG]"]
+    # an encounter without an end lasts until the next one starts, or until the end of the data
+    open_ = patient([enc("a", T0, None), enc("b", T0 + 3 * DAY, 1), enc("c", T0 + 9 * DAY, None)],
+                    [ev("a", T0 + DAY), ev("c", T0 + 20 * DAY)])  # fmt: skip
+    visits = build_timeline(open_, data_end=T0 + 30 * DAY).visits
+    assert [(v.start, v.end) for v in visits] == [
+        (T0, T0 + 3 * DAY - 1), (T0 + 3 * DAY, T0 + 3 * DAY + HOUR), (T0 + 9 * DAY, T0 + 30 * DAY)
+    ]  # fmt: skip
+    assert [len(v.events) for v in visits] == [1, 0, 1]
 
 
 # ------------------------------------------------------------------------------------------------ truncation

@@ -203,7 +203,7 @@ def _build(
         done = 0
         report("reading timelines", 0, len(ids))
         for records in iter_records(reader, ids, options.chunk_patients):
-            timelines = [build_timeline(r) for r in records]
+            timelines = [build_timeline(r, data_end) for r in records]
             splits = [options.split.split(t.patient_id) for t in timelines]
             for timeline, split in zip(timelines, splits, strict=True):
                 stats.add(timeline, split, registry, data_end)

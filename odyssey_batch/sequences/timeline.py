@@ -1,22 +1,29 @@
 """A patient's record as the warehouse holds it, and the timeline of visits built from it (pure functions).
 
-Times are seconds since the Unix epoch (UTC), as floats. Rules, each a deliberate choice (README, *Sequences*):
+Times are seconds since the Unix epoch (UTC), as floats. The rules are causal: what the timeline shows up to a
+time t depends only on what was known at t, so that editing any event after a prediction time changes nothing
+in that point's input (``tests/test_tokenize.py`` proves it on real data). Each rule is a deliberate choice
+(README, *Sequences*):
 
 * Nothing dated after the patient's death enters the timeline: not an event, not an encounter that starts
   after it (Synthea writes a death-certification encounter and a cause-of-death observation afterwards; they
-  would leak mortality). Visits that outlive the death are clipped at it.
+  would leak mortality). Encounters that outlive the death end at it.
+* Every encounter is a visit, with or without events (that a visit happened is information, and whether one
+  shows must not depend on what is recorded later). Encounters whose periods overlap or touch are one visit
+  (an emergency visit ending as the admission starts).
+* Visit boundaries come from encounter periods only, never from event times (a late result must not move a
+  visit's end). An encounter without an end lasts until the patient's next encounter starts (one second
+  before it), or until the end of the data.
+* An event sits in the visit whose span holds its time: its own encounter's, else (unlinked, or dated outside
+  its encounter) any visit holding it, else it is dropped and counted (``outside_visit``). An event without a
+  time takes its encounter's start; without either it is dropped and counted (``no_time``).
 * A condition enters at the time it became known: ``recordedDate``, else its onset; an onset years before the
   visit that recorded it is moved to that visit's start (it was not known earlier).
-* An event without a time takes its encounter's start; without either it is dropped and counted.
-* A visit is a group of encounters whose spans overlap or touch (an emergency visit ending as the admission
-  starts is one visit); a span runs from the earliest to the latest of the encounter's period and its events.
-  Encounters without events make no visit (but still count as stays for the labels).
-* An event linked to no known encounter joins the encounter whose period holds its time, else the visit whose
-  span holds it, else it is dropped and counted (``unlinked``).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +42,9 @@ class Encounter:
     start: float | None
     end: float | None
 
+    def __reduce__(self) -> tuple:
+        return (Encounter, (self.encounter_id, self.class_code, self.start, self.end))
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -48,6 +58,9 @@ class Event:
     value: float = math.nan
     unit: str | None = None
     display: str | None = None
+
+    def __reduce__(self) -> tuple:  # a plain tuple: pickling dataclasses field by field is 5x slower
+        return (Event, (self.time, int(self.kind), self.code, self.encounter_id, self.value, self.unit, self.display))
 
 
 @dataclass(slots=True)
@@ -89,65 +102,70 @@ def condition_known_time(onset: float | None, recorded: float | None, encounter_
     return when
 
 
-def build_timeline(record: PatientRecord) -> Timeline:
+def build_timeline(record: PatientRecord, data_end: float | None = None) -> Timeline:
+    """The patient's visits; ``data_end`` closes an encounter still open at the end of the data (default: the
+    latest time in the record)."""
     death = record.death
     dropped: Counter[str] = Counter()
     encounters = [e for e in record.encounters if e.start is not None and (death is None or e.start <= death)]
     dropped["encounter_after_death"] = sum(1 for e in record.encounters if e.start is not None) - len(encounters)
-    by_id = {e.encounter_id: e for e in encounters}
+    encounters.sort(key=lambda e: (e.start, e.encounter_id))
+    starts = {e.encounter_id: e.start for e in encounters}
 
-    linked: dict[str, list[Event]] = {}
-    loose: list[Event] = []
+    events: list[Event] = []
     for event in record.events:
-        enc = by_id.get(event.encounter_id) if event.encounter_id is not None else None
         if event.time is None:
-            if enc is None:
+            start = starts.get(event.encounter_id) if event.encounter_id is not None else None
+            if start is None:
                 dropped["no_time"] += 1
                 continue
-            event = _at(event, enc.start)
+            event = _at(event, start)
         if death is not None and event.time > death:  # type: ignore[operator]
             dropped["after_death"] += 1
             continue
-        if enc is None:  # not linked: the encounter whose period holds it, if any
-            enc = next((e for e in encounters if e.start <= event.time <= (e.end or e.start)), None)  # type: ignore[operator]
-        if enc is None:
-            loose.append(event)
-        else:
-            linked.setdefault(enc.encounter_id, []).append(event)
+        events.append(event)
 
-    # spans of the encounters that have events, then overlapping or touching spans merge into visits
-    spans = []
-    for enc in encounters:
-        events = linked.get(enc.encounter_id)
-        if not events:
-            continue
-        times = [e.time for e in events]
-        start = min(enc.start, *times)  # type: ignore[type-var]
-        end = max(enc.end if enc.end is not None else enc.start, *times)  # type: ignore[type-var]
-        spans.append((start, end, enc.encounter_id, events))
-    spans.sort(key=lambda s: (s[0], s[1], s[2]))
+    if data_end is None:
+        data_end = max([e.time for e in events] + [e.end or e.start for e in encounters], default=0.0)  # type: ignore[type-var]
+    periods = []  # (start, end, encounter_id): an open encounter lasts until the next one starts
+    for i, enc in enumerate(encounters):
+        end = enc.end
+        if end is None:
+            later = next((e.start for e in encounters[i + 1 :] if e.start > enc.start), None)  # type: ignore[operator]
+            end = later - 1.0 if later is not None else max(data_end, enc.start)  # type: ignore[operator, type-var]
+        end = max(end, enc.start)  # type: ignore[type-var]
+        if death is not None:
+            end = min(end, death)
+        periods.append((enc.start, end, enc.encounter_id))
+
     visits: list[Visit] = []
-    for start, end, eid, events in spans:
-        if visits and start <= visits[-1].end:
+    home: dict[str, Visit] = {}
+    for start, end, eid in periods:  # sorted by start
+        if visits and start <= visits[-1].end:  # type: ignore[operator]
             last = visits[-1]
             last.end = max(last.end, end)
             last.encounter_ids = (*last.encounter_ids, eid)
-            last.events.extend(events)
         else:
-            visits.append(Visit(start, end, (eid,), list(events)))
+            visits.append(Visit(start, end, (eid,), []))  # type: ignore[arg-type]
+        home[eid] = visits[-1]
 
-    for event in loose:
-        home = next((v for v in visits if v.start <= event.time <= v.end), None)  # type: ignore[operator]
-        if home is None:
-            dropped["unlinked"] += 1
+    visit_starts = [v.start for v in visits]
+    for event in events:
+        visit = home.get(event.encounter_id) if event.encounter_id is not None else None
+        if visit is None or not visit.start <= event.time <= visit.end:  # type: ignore[operator]
+            visit = _holding(visits, visit_starts, event.time)  # type: ignore[arg-type]
+        if visit is None:
+            dropped["outside_visit"] += 1
         else:
-            home.events.append(event)
-
+            visit.events.append(event)
     for visit in visits:
         visit.events.sort(key=lambda e: (e.time, _KIND_ORDER[e.kind], e.code, e.value if e.value == e.value else -1))
-        if death is not None and visit.end > death:
-            visit.end = death
     return Timeline(record.patient_id, record.birth, death, encounters, visits, +dropped)
+
+
+def _holding(visits: list[Visit], starts: list[float], time: float) -> Visit | None:
+    i = bisect.bisect_right(starts, time) - 1
+    return visits[i] if i >= 0 and visits[i].end >= time else None
 
 
 def _at(event: Event, time: float | None) -> Event:

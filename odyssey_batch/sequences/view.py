@@ -34,7 +34,8 @@ def patient_view(url: str, dataset: Dataset, patient_id: str) -> tuple[list[Toke
         record = read_patient(conn, patient_id, display=True)
     finally:
         conn.close()
-    timeline = build_timeline(record)
+    data_end = dt.datetime.fromisoformat(dataset.manifest["data_end"]).timestamp()
+    timeline = build_timeline(record, data_end)
     bins, vocab = dataset.bins, dataset.vocabulary
     sequence = to_sequence(timeline, bins)
     rows = []
