@@ -158,10 +158,10 @@ def test_editing_events_after_the_prediction_time_changes_nothing_before_it(synt
             cut = before.known_at(t)
             # change every later event: another code, another value, another time (still after t), plus a new one
             edited = dataclasses.replace(record, events=[
-                e if e.time is None or e.time <= t else dataclasses.replace(
-                    e, code=e.code + "x", value=(e.value * 7 + 1) if e.value == e.value else 3.0, time=e.time + 3600)
+                e if e.time is None or e.time <= t else e._replace(
+                    code=e.code + "x", value=(e.value * 7 + 1) if e.value == e.value else 3.0, time=e.time + 3600)
                 for e in record.events
-            ] + [dataclasses.replace(record.events[0], time=t + 1, code="SNOMED:999")])  # fmt: skip
+            ] + [record.events[0]._replace(time=t + 1, code="SNOMED:999")])  # fmt: skip
             after = to_sequence(build_timeline(edited), bins)
             assert after.known_at(t) == cut
             assert np.array_equal(vocab.encode(after.tokens[:cut]), vocab.encode(before.tokens[:cut]))

@@ -199,7 +199,8 @@ def _build(
     stats = _Pass1()
     with tempfile.TemporaryDirectory(prefix="odyssey-tokenize-") as scratch_dir:
         scratch = Path(scratch_dir)
-        chunks: list[Path] = []
+        chunks: list[Path | tuple] = []  # parked chunks: a scratch file each, or in memory when there is one
+        single = len(ids) <= options.chunk_patients
         done = 0
         report("reading timelines", 0, len(ids))
         for records in iter_records(reader, ids, options.chunk_patients):
@@ -207,10 +208,13 @@ def _build(
             splits = [options.split.split(t.patient_id) for t in timelines]
             for timeline, split in zip(timelines, splits, strict=True):
                 stats.add(timeline, split, registry, data_end)
-            path = scratch / f"timelines-{len(chunks):05d}.pickle"
-            with path.open("wb") as fh:
-                pickle.dump((timelines, splits), fh, protocol=pickle.HIGHEST_PROTOCOL)
-            chunks.append(path)
+            if single:
+                chunks.append((timelines, splits))
+            else:
+                path = scratch / f"timelines-{len(chunks):05d}.pickle"
+                with path.open("wb") as fh:
+                    pickle.dump((timelines, splits), fh, protocol=pickle.HIGHEST_PROTOCOL)
+                chunks.append(path)
             done += len(records)
             report("reading timelines", done, len(ids))
         reader.rollback()
@@ -232,10 +236,9 @@ def _build(
         event_tokens: Counter[str] = Counter()
         done = 0
         report("writing sequences", 0, len(ids))
-        for n, path in enumerate(chunks):
-            with path.open("rb") as fh:
-                timelines, splits = pickle.load(fh)
-            path.unlink()
+        for n, parked in enumerate(chunks):
+            timelines, splits = _unpark(parked)
+            chunks[n] = ()
             rows = []
             for timeline, split in zip(timelines, splits, strict=True):
                 sequence = to_sequence(timeline, bins)
@@ -315,6 +318,15 @@ def _build(
         label_counts,
         0.0,
     )
+
+
+def _unpark(parked: Path | tuple) -> tuple:
+    if isinstance(parked, tuple):
+        return parked
+    with parked.open("rb") as fh:
+        timelines_and_splits = pickle.load(fh)
+    parked.unlink()
+    return timelines_and_splits
 
 
 def encode(sequence: TokenSequence, vocab: Vocabulary) -> dict[str, np.ndarray]:

@@ -70,33 +70,40 @@ class TokenSequence:
 
 
 def to_sequence(timeline: Timeline, bins: LabBins) -> TokenSequence:
-    tokens: list[str] = []
-    types: list[int] = []
-    times: list[float] = []
-    orders: list[int] = []
-    segments: list[int] = []
-    events: list[Event | None] = []
-
-    def add(token: str, kind: int, time: float, order: int, segment: int, event: Event | None = None) -> None:
-        tokens.append(token)
-        types.append(kind)
-        times.append(time)
-        orders.append(order)
-        segments.append(segment)
-        events.append(event)
-
     visits = timeline.visits
-    add(CLS, TokenType.CLS, visits[0].start if visits else 0.0, 0, 0)
+    tokens: list[str] = [CLS]
+    types: list[int] = [TokenType.CLS]
+    times: list[float] = [visits[0].start if visits else 0.0]
+    orders: list[int] = [0]
+    segments: list[int] = [0]
+    events: list[Event | None] = [None]
     for i, visit in enumerate(visits):
-        order, segment = i + 1, 1 + i % 2
+        order, segment, n = i + 1, 1 + i % 2, len(visit.events)
         if i:
             gap = math.floor((visit.start - visits[i - 1].end) / DAY)
-            add(interval_token(gap), TokenType.INTERVAL, visit.start, i, 0)
-        add(VS, TokenType.VS, visit.start, order, segment)
-        for event in visit.events:
-            add(event_token(event, bins), event.kind, event.time, order, segment, event)  # type: ignore[arg-type]
-        add(VE, TokenType.VE, visit.end, order, segment)
-        add(REG, TokenType.REG, visit.end, order, segment)
+            tokens += (interval_token(gap), VS)
+            types += (TokenType.INTERVAL, TokenType.VS)
+            times += (visit.start, visit.start)
+            orders += (i, order)
+            segments += (0, segment)
+            events += (None, None)
+        else:
+            tokens.append(VS)
+            types.append(TokenType.VS)
+            times.append(visit.start)
+            orders.append(order)
+            segments.append(segment)
+            events.append(None)
+        tokens += [event_token(e, bins) for e in visit.events]
+        tokens += (VE, REG)
+        types += [e.kind for e in visit.events]
+        types += (TokenType.VE, TokenType.REG)
+        times += [e.time for e in visit.events]  # type: ignore[misc]
+        times += (visit.end, visit.end)
+        orders += [order] * (n + 2)
+        segments += [segment] * (n + 2)
+        events += visit.events
+        events += (None, None)
 
     time_array = np.asarray(times, dtype=np.float64)
     if timeline.birth is None:
