@@ -47,3 +47,46 @@ def ordered_map(
         while pending:
             is_job, value = pending.popleft()
             yield value.result() if is_job else value
+
+
+def prefetch(items: Iterable[Any], ahead: int = 1) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, at most ``ahead`` items ahead of the consumer.
+
+    For I/O such as database reads (libpq releases the GIL): the next chunk is fetched while this one is
+    processed. An exception in the producer is raised in the consumer; closing the iterator early stops it.
+    """
+    import queue
+    import threading
+
+    slots: queue.Queue = queue.Queue(maxsize=ahead)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                slots.put((True, item))
+        except BaseException as exc:  # handed to the consumer
+            slots.put((False, exc))
+            return
+        slots.put((True, done))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = slots.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting for a free slot
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)

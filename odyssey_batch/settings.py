@@ -55,7 +55,7 @@ class Settings:
     max_length: int = 2048
     vocab_min_count: int = 5
     lab_bins: int = 5
-    tokenize_chunk_patients: int = 2000
+    tokenize_chunk_patients: int = 500
     # Splits by a stable hash of the patient id: the salt and the train / validation fractions (rest: test).
     split_salt: str = "odyssey-v1"
     split_train: float = 0.8

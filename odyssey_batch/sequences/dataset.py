@@ -33,13 +33,21 @@ import pyarrow.parquet as pq
 
 from odyssey_batch.labels.points import LabelPoint, task_points
 from odyssey_batch.labels.tasks import Registry, load_registry
+from odyssey_batch.parallel import prefetch
 from odyssey_batch.quality.gate import ensure_usable
 from odyssey_batch.sequences import grammar
 from odyssey_batch.sequences.extract import iter_records, patient_ids
 from odyssey_batch.sequences.labs import LabBins
 from odyssey_batch.sequences.splits import SPLITS, SplitRule
 from odyssey_batch.sequences.timeline import DAY, Timeline, build_timeline
-from odyssey_batch.sequences.tokens import STREAM_DTYPES, STREAMS, TokenSequence, to_sequence, vocabulary_key
+from odyssey_batch.sequences.tokens import (
+    STREAM_DTYPES,
+    STREAMS,
+    TokenSequence,
+    bin_labs,
+    to_sequence,
+    vocabulary_key,
+)
 from odyssey_batch.sequences.vocab import Vocabulary
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage import open_location
@@ -55,7 +63,7 @@ class TokenizeOptions:
     max_length: int = 2048
     min_count: int = 5
     lab_bins: int = 5
-    chunk_patients: int = 2000
+    chunk_patients: int = 500
     split: SplitRule = field(default_factory=SplitRule)
     tasks_file: str = ""
 
@@ -166,14 +174,15 @@ def _data_end(conn, runs: list[int]) -> float:
 class _Pass1:
     counts: Counter[str] = field(default_factory=Counter)
     lab_values: dict[str, list[float]] = field(default_factory=dict)
-    points: list[tuple[LabelPoint, str]] = field(default_factory=list)
+    points: list[tuple[LabelPoint, str, int]] = field(default_factory=list)  # point, split, tokens known
     patients: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
 
-    def add(self, timeline: Timeline, split: str, registry: Registry, data_end: float) -> None:
+    def add(self, timeline: Timeline, sequence: TokenSequence, split: str, registry: Registry, data_end: float) -> None:
         self.patients[split] += 1
         self.dropped.update(timeline.dropped)
-        self.points.extend((p, split) for p in task_points(timeline, registry, data_end))
+        for point in task_points(timeline, registry, data_end):
+            self.points.append((point, split, sequence.known_at(point.prediction_time)))
         if split != "train":
             return
         for visit in timeline.visits:
@@ -199,21 +208,24 @@ def _build(
     stats = _Pass1()
     with tempfile.TemporaryDirectory(prefix="odyssey-tokenize-") as scratch_dir:
         scratch = Path(scratch_dir)
-        chunks: list[Path | tuple] = []  # parked chunks: a scratch file each, or in memory when there is one
+        chunks: list[Path | list] = []  # parked chunks: a scratch file each, or in memory when there is one
         single = len(ids) <= options.chunk_patients
         done = 0
         report("reading timelines", 0, len(ids))
-        for records in iter_records(reader, ids, options.chunk_patients):
-            timelines = [build_timeline(r, data_end) for r in records]
-            splits = [options.split.split(t.patient_id) for t in timelines]
-            for timeline, split in zip(timelines, splits, strict=True):
-                stats.add(timeline, split, registry, data_end)
+        for records in prefetch(iter_records(reader, ids, options.chunk_patients)):
+            parked = []
+            for record in records:
+                timeline = build_timeline(record, data_end)
+                split = options.split.split(timeline.patient_id)
+                sequence = to_sequence(timeline, None)  # binned in pass 2, once the bins are fitted
+                stats.add(timeline, sequence, split, registry, data_end)
+                parked.append((timeline.patient_id, split, len(timeline.visits), sequence))
             if single:
-                chunks.append((timelines, splits))
+                chunks.append(parked)
             else:
-                path = scratch / f"timelines-{len(chunks):05d}.pickle"
+                path = scratch / f"sequences-{len(chunks):05d}.pickle"
                 with path.open("wb") as fh:
-                    pickle.dump((timelines, splits), fh, protocol=pickle.HIGHEST_PROTOCOL)
+                    pickle.dump(parked, fh, protocol=pickle.HIGHEST_PROTOCOL)
                 chunks.append(path)
             done += len(records)
             report("reading timelines", done, len(ids))
@@ -227,36 +239,29 @@ def _build(
 
         out = scratch / "dataset"
         (out / "sequences").mkdir(parents=True)
-        cuts: dict[tuple[str, float], int] = {}
-        points_by_patient: dict[str, list[float]] = {}
-        for point, _ in stats.points:
-            points_by_patient.setdefault(point.patient_id, []).append(point.prediction_time)
         tokens = events = visits = 0
         unknown: Counter[str] = Counter()
         event_tokens: Counter[str] = Counter()
         done = 0
         report("writing sequences", 0, len(ids))
         for n, parked in enumerate(chunks):
-            timelines, splits = _unpark(parked)
-            chunks[n] = ()
+            chunks[n] = []
             rows = []
-            for timeline, split in zip(timelines, splits, strict=True):
-                sequence = to_sequence(timeline, bins)
+            for patient_id, split, n_visits, sequence in _unpark(parked):
+                sequence.tokens = bin_labs(sequence.tokens, sequence.values, bins)
                 streams = encode(sequence, vocab)
-                rows.append((timeline.patient_id, split, streams))
-                for when in points_by_patient.get(timeline.patient_id, ()):
-                    cuts[(timeline.patient_id, when)] = sequence.known_at(when)
+                rows.append((patient_id, split, streams))
                 is_event = streams["type_ids"] >= grammar.TokenType.CONDITION
                 tokens += len(sequence)
                 events += int(is_event.sum())
-                visits += len(timeline.visits)
+                visits += n_visits
                 event_tokens[split] += int(is_event.sum())
                 unknown[split] += int((streams["token_ids"][is_event] == vocab.unk_id).sum())
             _write_shard(out / "sequences" / f"part-{n:05d}.parquet", rows)
             done += len(rows)
             report("writing sequences", done, len(ids))
 
-        label_rows = [(p, split, cuts[(p.patient_id, p.prediction_time)]) for p, split in stats.points]
+        label_rows = stats.points
         _write_labels(out / "labels.parquet", label_rows)
         unknown_rate = {s: round(unknown[s] / event_tokens[s], 6) if event_tokens[s] else 0.0 for s in SPLITS}
         label_counts = _label_counts(stats.points, registry)
@@ -320,8 +325,8 @@ def _build(
     )
 
 
-def _unpark(parked: Path | tuple) -> tuple:
-    if isinstance(parked, tuple):
+def _unpark(parked: Path | list) -> list:
+    if isinstance(parked, list):
         return parked
     with parked.open("rb") as fh:
         timelines_and_splits = pickle.load(fh)
@@ -381,9 +386,9 @@ def _write_labels(path: Path, rows: list[tuple[LabelPoint, str, int]]) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-def _label_counts(points: list[tuple[LabelPoint, str]], registry: Registry) -> dict[str, dict[str, int]]:
+def _label_counts(points: list[tuple[LabelPoint, str, int]], registry: Registry) -> dict[str, dict[str, int]]:
     counts = {t: Counter() for t in registry.names}
-    for point, _ in points:
+    for point, _, _ in points:
         c = counts[point.task]
         c["points"] += 1
         c["positive"] += point.label is True

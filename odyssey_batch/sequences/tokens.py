@@ -37,10 +37,11 @@ STREAM_DTYPES = {
 CLS_ID, VS_ID = 3, 4  # grammar.SPECIAL_TOKENS
 
 
-def event_token(event: Event, bins: LabBins) -> str:
+def event_token(event: Event, bins: LabBins | None) -> str:
+    """The event's token; without ``bins``, a numeric lab's token lacks its bin (``bin_labs`` adds it)."""
     if event.kind == TokenType.LAB:
-        numeric = event.value == event.value  # not NaN
-        return lab_token(event.code, bins.bin(event.code, event.value) if numeric else None)
+        numeric = event.value == event.value and bins is not None  # not NaN
+        return lab_token(event.code, bins.bin(event.code, event.value) if numeric else None)  # type: ignore[union-attr]
     return f"{KIND_PREFIX[event.kind]}:{event.code}"
 
 
@@ -59,7 +60,8 @@ class TokenSequence:
     times: np.ndarray  # seconds since the epoch
     visit_orders: np.ndarray
     visit_segments: np.ndarray
-    events: list[Event | None]  # the event behind each token (None for structural tokens)
+    values: np.ndarray  # a numeric lab's value in its canonical unit, else NaN
+    events: list[Event | None] | None = None  # the event behind each token (None for structural tokens)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -69,7 +71,8 @@ class TokenSequence:
         return 1 + int(np.searchsorted(self.times[1:], when, side="right"))
 
 
-def to_sequence(timeline: Timeline, bins: LabBins) -> TokenSequence:
+def to_sequence(timeline: Timeline, bins: LabBins | None, *, with_events: bool = False) -> TokenSequence:
+    """The patient's tokens and side streams. Without ``bins`` numeric labs stay unbinned (``bin_labs``)."""
     visits = timeline.visits
     tokens: list[str] = [CLS]
     types: list[int] = [TokenType.CLS]
@@ -105,6 +108,8 @@ def to_sequence(timeline: Timeline, bins: LabBins) -> TokenSequence:
         events += visit.events
         events += (None, None)
 
+    nan = math.nan
+    values = np.asarray([e.value if e is not None and e.kind == TokenType.LAB else nan for e in events])
     time_array = np.asarray(times, dtype=np.float64)
     if timeline.birth is None:
         ages = np.zeros(len(tokens), dtype=np.float32)
@@ -117,8 +122,18 @@ def to_sequence(timeline: Timeline, bins: LabBins) -> TokenSequence:
         time_array,
         np.asarray(orders, dtype=np.int32),
         np.asarray(segments, dtype=np.int8),
-        events,
+        values,
+        events if with_events else None,
     )
+
+
+def bin_labs(tokens: list[str], values: np.ndarray, bins: LabBins) -> list[str]:
+    """Tokens with the bin of every numeric lab added (for a sequence built without bins)."""
+    out = list(tokens)
+    for i in np.flatnonzero(~np.isnan(values)).tolist():
+        code = out[i][len("lab:") :]
+        out[i] = lab_token(code, bins.bin(code, float(values[i])))
+    return out
 
 
 def window(streams: dict[str, np.ndarray], end: int, max_length: int) -> dict[str, np.ndarray]:

@@ -37,7 +37,7 @@ def patient_view(url: str, dataset: Dataset, patient_id: str) -> tuple[list[Toke
     data_end = dt.datetime.fromisoformat(dataset.manifest["data_end"]).timestamp()
     timeline = build_timeline(record, data_end)
     bins, vocab = dataset.bins, dataset.vocabulary
-    sequence = to_sequence(timeline, bins)
+    sequence = to_sequence(timeline, bins, with_events=True)
     rows = []
     classes = {e.encounter_id: e.class_code for e in timeline.encounters}
     visit_classes = {
