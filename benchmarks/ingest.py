@@ -1,6 +1,6 @@
 """Ingest throughput on the benchmark export, against a bare COPY of the same lines.
 
-    python benchmarks/ingest.py [--source ../shared/data/fhir-large/synthea-smart-r4-ndjson] [--repeats 3]
+    python -m benchmarks.ingest [--source ../shared/data/fhir-large/synthea-smart-r4-ndjson] [--repeats 3]
 
 Each repeat loads the whole export into a fresh, migrated database with full validation (fhir.resources),
 normalization and the merge transaction, then, in the same run, times a bare ``COPY`` of the same NDJSON lines

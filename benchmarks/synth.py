@@ -1,6 +1,6 @@
 """Synthetic export generation speed.
 
-    python benchmarks/synth.py [--patients 10000] [--repeats 3] [--workers 0]
+    python -m benchmarks.synth [--patients 10000] [--repeats 3] [--workers 0]
 
 Generates the export into a temporary folder ``--repeats`` times with the same seed (checking that the bytes
 are identical each time) and prints the median. The last line printed is one JSON object.

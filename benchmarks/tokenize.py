@@ -1,6 +1,6 @@
 """Tokenization throughput on the benchmark export, against Postgres just streaming the same rows out.
 
-    python benchmarks/tokenize.py [--source ../shared/data/fhir-large/synthea-smart-r4-ndjson] [--repeats 3]
+    python -m benchmarks.tokenize [--source ../shared/data/fhir-large/synthea-smart-r4-ndjson] [--repeats 3]
 
 Loads the export once into a fresh, migrated database and runs the data-quality gate once (the benchmark export is
 rejected by the gate: one patient has events before birth, so the run is accepted for tokenization). Each repeat

@@ -1,6 +1,6 @@
 """Data-quality gate speed on the benchmark export.
 
-    python benchmarks/validate.py [--source ../shared/data/fhir-large/synthea-smart-r4-ndjson] [--repeats 3]
+    python -m benchmarks.validate [--source ../shared/data/fhir-large/synthea-smart-r4-ndjson] [--repeats 3]
 
 Loads the export once into a fresh database, then validates the whole warehouse ``--repeats`` times with Great
 Expectations (plus once with the Data Docs site) and prints the median. The server is
