@@ -14,7 +14,15 @@ from typing import Annotated, Any
 import typer
 
 from odyssey_batch import __version__
-from odyssey_batch.cli.output import IngestProgress, StageProgress, console, emit_json, err_console, table
+from odyssey_batch.cli.output import (
+    IngestProgress,
+    StageProgress,
+    TrainProgress,
+    console,
+    emit_json,
+    err_console,
+    table,
+)
 from odyssey_batch.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -31,6 +39,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The warehouse: where it is, its schema, the embedded server.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+train_app = typer.Typer(
+    help="Train EHRMamba on a dataset version: `pretrain` (next-token prediction).", no_args_is_help=True
+)
+app.add_typer(train_app, name="train")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the human summary.")]
 
@@ -459,6 +471,63 @@ def show_patient(
         print(f"{r.time:16}  {r.age:5.1f}  {r.visit:5}  {r.token_id:6}  {r.token:{width}}  {r.meaning}")
     if summary["dropped"]:
         console.print("Left out: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["dropped"].items()))
+
+
+@train_app.command("pretrain")
+def train_pretrain(
+    dataset: Annotated[int | None, typer.Option(help="Dataset version (default: the latest ready one).")] = None,
+    preset: Annotated[str, typer.Option(help="Model size: tiny (tests), small (CPU), paper (GPU).")] = "small",
+    max_length: Annotated[int | None, typer.Option(help="Tokens per training window (default 2048).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per batch (grouped by length).")] = 8,
+    epochs: Annotated[float, typer.Option(help="Passes over the training windows.")] = 1.0,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (overrides --epochs when set).")] = 0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; 10% warm-up, linear decay).")] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Seed: weights, batch order, dropout.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
+    resume: Annotated[
+        int | None, typer.Option(help="Continue this training run from its last checkpoint (same options).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Pretrain EHRMamba by next-token prediction on the training split of a dataset version.
+
+    Every window of up to --max-length tokens of every training sequence is an example; [PAD] targets are
+    masked. Uses mamba-ssm's CUDA kernels on a GPU (bf16 autocast) and a fast PyTorch scan on CPU; under
+    `torchrun --nproc-per-node N` the batches are shared by N processes (DistributedDataParallel).
+    Checkpoints (safetensors) go to the object store under `training/run-<id>/`; a killed run continues with
+    `--resume <id>`. The run is recorded in `ops.training_run`.
+    """
+    import torch
+
+    from odyssey_batch.training.pretrain import PretrainOptions, pretrain
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = _settings()
+    url = database_url(settings)
+    upgrade(url)
+    if threads:
+        torch.set_num_threads(threads)
+    options = PretrainOptions(
+        preset=preset, max_length=max_length or settings.max_length, batch_size=batch_size, epochs=epochs,
+        steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+    with TrainProgress(enabled=not json_output) as progress:
+        try:
+            result = pretrain(url, settings, dataset, options, resume=resume, progress=progress.update)
+        except (LookupError, ValueError) as exc:
+            err_console.print(f"[red]pretrain failed:[/] {exc}")
+            raise typer.Exit(2) from exc
+    if json_output:
+        emit_json(result.as_dict())
+        return
+    val = f"{result.val_loss:.3f}" if result.val_loss is not None else "-"
+    console.print(
+        f"Training run [bold]{result.training_run_id}[/]: {result.steps:,} steps, {result.tokens:,} tokens, "
+        f"{result.tokens_per_s:,.0f} tokens/s on {result.device} (scan backend {result.backend}), "
+        f"{result.parameters:,} parameters.\nLoss: train {result.train_loss:.3f}, validation {val}.\n"
+        f"Checkpoint: {result.artifact_uri}"
+    )
 
 
 def _print_synth_summary(data: dict[str, Any]) -> None:

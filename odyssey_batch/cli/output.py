@@ -116,3 +116,38 @@ class StageProgress:
         if phase not in self.tasks:
             self.tasks[phase] = self.bar.add_task(phase, total=total)
         self.bar.update(self.tasks[phase], completed=done, total=total)
+
+
+class TrainProgress:
+    """Training steps with the running loss and tokens/s, on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and err_console.is_terminal
+        self.bar = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            TextColumn("step {task.completed:,}/{task.total:,}"),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TextColumn("{task.fields[rate]:,.0f} tokens/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> TrainProgress:
+        if self.enabled:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+    def update(self, step: int, total: int, loss: float, rate: float) -> None:
+        if not self.enabled:
+            return
+        if self.task is None:
+            self.task = self.bar.add_task("training", total=total, loss=loss, rate=rate)
+        self.bar.update(self.task, completed=step, total=total, loss=loss, rate=rate)

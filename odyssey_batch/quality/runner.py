@@ -128,6 +128,8 @@ def run_suites(url: str, suites: list[Suite], run_id: int, *, whole_warehouse: b
         if docs_dir is not None:
             context.build_data_docs(site_names=["odyssey"])
     finally:
-        # GX keeps its SQLAlchemy pool open; close it so no connection outlives the validation.
+        # GX keeps SQLAlchemy pools open (the data source's and its execution engine's): close both, so that no
+        # connection outlives the validation.
         source.get_engine().dispose()
+        source.get_execution_engine().engine.dispose()
     return findings

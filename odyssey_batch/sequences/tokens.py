@@ -136,6 +136,20 @@ def bin_labs(tokens: list[str], values: np.ndarray, bins: LabBins) -> list[str]:
     return out
 
 
+def window_start(token_ids: np.ndarray, end: int, max_length: int) -> tuple[int, bool]:
+    """Where the model input for the first ``end`` tokens starts (see ``window``), and whether it needs a
+    synthetic ``[VS]`` (one visit alone is longer than the budget)."""
+    if max_length < 3:
+        raise ValueError("max_length must leave room for [CLS], [VS] and one event")
+    if end <= max_length:
+        return 0, False
+    start = end - (max_length - 1)
+    boundaries = np.flatnonzero(token_ids[start:end] == VS_ID)
+    if boundaries.size:
+        return start + int(boundaries[0]), False
+    return start + 1, True  # room for [CLS] and a synthetic [VS]
+
+
 def window(streams: dict[str, np.ndarray], end: int, max_length: int) -> dict[str, np.ndarray]:
     """The model input for the first ``end`` tokens of a sequence, at most ``max_length`` long.
 
@@ -143,21 +157,11 @@ def window(streams: dict[str, np.ndarray], end: int, max_length: int) -> dict[st
     prefixed with ``[CLS]``; when a single visit is longer than the budget, a synthetic ``[VS]`` opens it. Visit
     orders restart at 1 and segments at 1 from the first kept visit, as for a patient whose record began there.
     """
-    if max_length < 3:
-        raise ValueError("max_length must leave room for [CLS], [VS] and one event")
-    out = {name: streams[name][:end] for name in STREAMS}
-    if end <= max_length:
-        return out
-    ids = out["token_ids"]
-    start = end - (max_length - 1)
-    boundaries = np.flatnonzero(ids[start:end] == VS_ID)
-    if boundaries.size:
-        start += int(boundaries[0])
-        prefix = [(CLS_ID, TokenType.CLS)]
-    else:
-        start += 1  # room for [CLS] and a synthetic [VS]
-        prefix = [(CLS_ID, TokenType.CLS), (VS_ID, TokenType.VS)]
-    kept = {name: out[name][start:end] for name in STREAMS}
+    start, synthetic = window_start(streams["token_ids"], end, max_length)
+    if start == 0:
+        return {name: streams[name][:end] for name in STREAMS}
+    prefix = [(CLS_ID, TokenType.CLS), (VS_ID, TokenType.VS)] if synthetic else [(CLS_ID, TokenType.CLS)]
+    kept = {name: streams[name][start:end] for name in STREAMS}
     visited = kept["visit_orders"][kept["visit_orders"] > 0]
     first_order = int(visited.min()) if visited.size else 1
     orders = np.where(kept["visit_orders"] > 0, kept["visit_orders"] - first_order + 1, 0)
@@ -172,3 +176,17 @@ def window(streams: dict[str, np.ndarray], end: int, max_length: int) -> dict[st
         "visit_segments": np.concatenate([np.array([0, 1][:n]), segments]),
     }
     return {name: result[name].astype(STREAM_DTYPES[name]) for name in STREAMS}
+
+
+def history_windows(streams: dict[str, np.ndarray], max_length: int) -> list[dict[str, np.ndarray]]:
+    """A whole sequence as consecutive model inputs of at most ``max_length`` tokens, most recent first, each
+    cut at a visit boundary (for pretraining on every token of a long history)."""
+    out = []
+    end = len(streams["token_ids"])
+    while end > 1:
+        start, _ = window_start(streams["token_ids"], end, max_length)
+        out.append(window(streams, end, max_length))
+        if start <= 1:
+            break
+        end = start
+    return out

@@ -22,6 +22,8 @@ HOUR = 3600.0
 # Measurement noise per lab (standard deviation; relative for creatinine).
 LAB_NOISE = {"creatinine": 0.06, "sodium": 1.4, "potassium": 0.25, "glucose": 9.0, "hemoglobin": 0.5, "wbc": 1.3,
              "lactate": 0.25}  # fmt: skip
+# Physiological floors: a slow drift must not carry a lab below what a living patient can show.
+LAB_FLOORS = {"creatinine": 0.2, "lactate": 0.2, "glucose": 40.0}
 TYPES = ("Patient", "Encounter", "Condition", "Procedure", "MedicationRequest", "Observation")
 
 
@@ -153,7 +155,7 @@ class PatientSimulator:
                 value = base * (1.0 + shift) * math.exp(LAB_NOISE[key] * z)
             else:
                 value = base + shift + LAB_NOISE[key] * z
-            values[key] = max(value, 0.2 if key in ("creatinine", "lactate") else 0.5)
+            values[key] = max(value, LAB_FLOORS.get(key, 0.5))
         return values
 
     def emit_labs(self, eid: str, t: float, values: dict[str, float]) -> None:

@@ -1,0 +1,1 @@
+"""Training EHRMamba: data from a dataset version, pretraining, checkpoints."""
