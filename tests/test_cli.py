@@ -96,6 +96,9 @@ def test_demo_on_the_embedded_server_and_db_url(tmp_path):
         assert ingested["loaded"] == ingested["records"] and ingested["quarantined"] == 0
         assert demo["tables"]["ehr.patient"] == 300
         assert demo["tables"]["ehr.observation"] == synth["counts"]["Observation"]
+        assert demo["validate"]["success"] and demo["tokenize"]["patients"]["train"] > 200
+        assert demo["tokenize"]["labels"]["mortality_30d"]["positive"] > 10
+        assert demo["pretrain"]["steps"] == 30 and demo["pretrain"]["val_loss"] < 10
         url = cli("db", "url", env=env).stdout.strip()
         assert url == demo["warehouse"]["url"] and "host=" in url
         # The server keeps running between commands, so psql (here psycopg2) can use the printed URL.

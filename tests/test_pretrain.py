@@ -97,3 +97,19 @@ def test_train_pretrain_command(warehouse, tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "odyssey_batch.cli.main", "train", "pretrain", "--help"],
                                env=env, capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert "--resume" in help_text and "torchrun" in help_text
+
+
+def test_torchrun_trains_with_two_processes_on_cpu(warehouse):
+    """Scale-out is PyTorch's own DistributedDataParallel (gloo on CPU): two processes share every batch."""
+    url, settings = warehouse
+    env = {**os.environ, "ODYSSEY_DATABASE_URL": url, "ODYSSEY_HOME": str(settings.home), "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "-m", "odyssey_batch.cli.main", "train", "pretrain", "--preset", "tiny",
+         "--steps", "2", "--max-length", "64", "--threads", "1", "--json"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)  # one report, from process 0
+    assert run_sql(url, "SELECT world_size, status, steps FROM ops.training_run WHERE training_run_id = %s",
+                   (result["training_run_id"],)) == [(2, "succeeded", 2)]  # fmt: skip

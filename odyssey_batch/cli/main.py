@@ -6,6 +6,7 @@ on stderr. Configuration comes from ``ODYSSEY_*`` environment variables or ``$OD
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -518,6 +519,8 @@ def train_pretrain(
         except (LookupError, ValueError) as exc:
             err_console.print(f"[red]pretrain failed:[/] {exc}")
             raise typer.Exit(2) from exc
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, process 0 reports
     if json_output:
         emit_json(result.as_dict())
         return
@@ -597,6 +600,7 @@ def example_export() -> Path:
 
 DEMO_PATIENTS = 300
 DEMO_SEED = 42
+DEMO_TRAIN_STEPS = 30
 
 
 @app.command()
@@ -605,7 +609,8 @@ def demo(json_output: JsonOption = False) -> None:
 
     Always uses the embedded server under ODYSSEY_HOME (never a configured production warehouse).
     Today: start the server, migrate the schema, generate a synthetic export of 300 patients (seed 42), ingest
-    it, validate it with the data-quality gate, and tokenize it into a dataset with task labels.
+    it, validate it with the data-quality gate, tokenize it into a dataset with task labels, and pretrain a tiny
+    EHRMamba on it for a few steps.
     """
     import shutil
 
@@ -668,10 +673,25 @@ def demo(json_output: JsonOption = False) -> None:
     with StageProgress(enabled=not json_output) as progress:
         tokens = run_tokenize(url, settings, progress=progress.update)
     steps["tokenize"] = tokens.as_dict()
+    if not json_output:
+        _print_tokenize_summary(steps["tokenize"])
+        console.rule("[bold]5. Pretrain EHRMamba (the tiny preset, a short run)")
+    from odyssey_batch.training.pretrain import PretrainOptions, pretrain
+
+    options = PretrainOptions(preset="tiny", max_length=256, batch_size=8, steps=DEMO_TRAIN_STEPS, lr=3e-3,
+                              checkpoint_every=DEMO_TRAIN_STEPS)  # fmt: skip
+    with TrainProgress(enabled=not json_output) as progress:
+        trained = pretrain(url, settings, tokens.dataset_version_id, options, progress=progress.update)
+    steps["pretrain"] = trained.as_dict()
     if json_output:
         emit_json(steps)
         return
-    _print_tokenize_summary(steps["tokenize"])
+    console.print(
+        f"Training run {trained.training_run_id}: {trained.steps} steps, {trained.tokens:,} tokens, "
+        f"{trained.tokens_per_s:,.0f} tokens/s ({trained.backend} scan on {trained.device}); loss "
+        f"{trained.train_loss:.2f}, validation {trained.val_loss:.2f}. For a real model: "
+        "`odyssey-batch train pretrain --preset small`."
+    )
     console.print(
         "\nExplore it with SQL:\n"
         f'  psql "{url}" -c "SELECT class_code, count(*) FROM ehr.encounter GROUP BY 1"\n'

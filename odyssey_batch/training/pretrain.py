@@ -193,8 +193,12 @@ def pretrain(
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += count * world
-            step_tokens += count * world
+            if world > 1:  # every process's real tokens
+                counted = torch.tensor([count], device=device)
+                dist.all_reduce(counted)
+                count = int(counted.item())
+            tokens += count
+            step_tokens += count
             recent = [*recent[-49:], float(loss)]
             rate = step_tokens / max(time.perf_counter() - started, 1e-9)
             if progress is not None and rank == 0:
