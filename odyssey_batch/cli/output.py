@@ -35,28 +35,14 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return out
 
 
-class IngestProgress:
-    """A progress bar over the bytes of the export (compressed size), on stderr."""
+class _Bar:
+    """A rich progress display on stderr, shown only when stderr is a terminal."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool, *columns: Any):
         self.enabled = enabled and err_console.is_terminal
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[records]:,} resources"),
-            console=err_console,
-            transient=True,
-        )
-        self.task: Any = None
-        self.records = 0
-        self.files_done = 0
-        self.total_files = 0
+        self.bar = Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
 
-    def __enter__(self) -> IngestProgress:
+    def __enter__(self) -> Any:
         if self.enabled:
             self.bar.start()
         return self
@@ -64,6 +50,24 @@ class IngestProgress:
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             self.bar.stop()
+
+
+class IngestProgress(_Bar):
+    """A progress bar over the bytes of the export (compressed size), on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        super().__init__(
+            enabled,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[records]:,} resources"),
+        )
+        self.task: Any = None
+        self.records = 0
+        self.files_done = 0
+        self.total_files = 0
 
     def start(self, total_bytes: int, total_files: int) -> None:
         self.total_files = total_files
@@ -85,30 +89,17 @@ class IngestProgress:
             self.bar.update(self.task, description=description)
 
 
-class StageProgress:
+class StageProgress(_Bar):
     """A progress bar over the phases of a stage (``update(phase, done, total)``), on stderr."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled = enabled and err_console.is_terminal
-        self.bar = Progress(
+        super().__init__(
+            enabled,
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TextColumn("{task.completed:,}/{task.total:,}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=True,
         )
         self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> StageProgress:
-        if self.enabled:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
 
     def update(self, phase: str, done: int, total: int) -> None:
         if not self.enabled:
@@ -118,32 +109,19 @@ class StageProgress:
         self.bar.update(self.tasks[phase], completed=done, total=total)
 
 
-class TrainProgress:
+class TrainProgress(_Bar):
     """Training steps with the running loss and tokens/s, on stderr."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled = enabled and err_console.is_terminal
-        self.bar = Progress(
+        super().__init__(
+            enabled,
             TextColumn("[bold]training"),
             BarColumn(),
             TextColumn("step {task.completed:,}/{task.total:,}"),
             TextColumn("loss {task.fields[loss]:.3f}"),
             TextColumn("{task.fields[rate]:,.0f} tokens/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=True,
         )
         self.task: Any = None
-
-    def __enter__(self) -> TrainProgress:
-        if self.enabled:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
 
     def update(self, step: int, total: int, loss: float, rate: float) -> None:
         if not self.enabled:
