@@ -41,7 +41,8 @@ app = typer.Typer(
 db_app = typer.Typer(help="The warehouse: where it is, its schema, the embedded server.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 train_app = typer.Typer(
-    help="Train EHRMamba on a dataset version: `pretrain` (next-token prediction).", no_args_is_help=True
+    help="Train EHRMamba on a dataset version: `pretrain` (next-token prediction), then `finetune` (all tasks).",
+    no_args_is_help=True,
 )
 app.add_typer(train_app, name="train")
 
@@ -530,6 +531,61 @@ def train_pretrain(
         f"{result.tokens_per_s:,.0f} tokens/s on {result.device} (scan backend {result.backend}), "
         f"{result.parameters:,} parameters.\nLoss: train {result.train_loss:.3f}, validation {val}.\n"
         f"Checkpoint: {result.artifact_uri}"
+    )
+
+
+@train_app.command("finetune")
+def train_finetune(
+    from_run: Annotated[int, typer.Option("--from", help="The pretraining run (ops.training_run) to start from.")],
+    tasks: Annotated[str, typer.Option(help="`all`, or task names separated by commas.")] = "all",
+    max_length: Annotated[int | None, typer.Option(help="Tokens per input, the task token included.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prediction points per batch (grouped by length).")] = 16,
+    epochs: Annotated[int, typer.Option(help="Most passes over the training points (early stopping).")] = 3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
+    balance: Annotated[str, typer.Option(help="`tasks`: every task weighs the same; `none`: every point.")] = "tasks",
+    patience: Annotated[int, typer.Option(help="Epochs without a better validation loss before stopping.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed: head weights, batch order, dropout.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Multitask prompted finetuning: one model for every clinical task of the dataset version.
+
+    Each labelled prediction point of `ehr.task_label` becomes an input: the patient's tokens known at the
+    prediction time, then the task's token `[TASK:<name>]`; one shared head reads that last token. Scoring can then
+    encode a history once and take one recurrent step per task. Validation loss after each epoch keeps the best
+    epoch; the run is recorded in `ops.training_run` (kind `finetune`, parent: the pretraining run).
+    """
+    import torch
+
+    from odyssey_batch.training.finetune import FinetuneOptions, finetune
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = _settings()
+    url = database_url(settings)
+    upgrade(url)
+    if threads:
+        torch.set_num_threads(threads)
+    chosen = () if tasks.strip() == "all" else tuple(t.strip() for t in tasks.split(",") if t.strip())
+    options = FinetuneOptions(
+        tasks=chosen, max_length=max_length or settings.max_length, batch_size=batch_size, epochs=epochs, lr=lr,
+        balance=balance, patience=patience, seed=seed,
+    )  # fmt: skip
+    with TrainProgress(enabled=not json_output) as progress:
+        try:
+            result = finetune(url, settings, from_run, options, progress=progress.update)
+        except (LookupError, ValueError) as exc:
+            err_console.print(f"[red]finetune failed:[/] {exc}")
+            raise typer.Exit(2) from exc
+    if json_output:
+        emit_json(result.as_dict())
+        return
+    rows = [[t, result.points["train"].get(t, 0), result.points["validation"].get(t, 0),
+             "-" if a is None else f"{a:.3f}"] for t, a in result.val_auroc.items()]  # fmt: skip
+    console.print(table(f"Finetuning run {result.training_run_id} (from pretraining run {result.parent_run_id})",
+                        ["task", "train points", "validation points", "validation AUROC"], rows))  # fmt: skip
+    console.print(
+        f"Best epoch {result.best_epoch} of {result.epochs}: validation loss {result.val_loss:.4f}; "
+        f"{result.steps:,} steps in {result.seconds:.0f} s on {result.device}.\nCheckpoint: {result.artifact_uri}"
     )
 
 

@@ -63,11 +63,11 @@ class EHRMambaEmbeddings(nn.Module):
     ) -> torch.Tensor:
         """All inputs (batch, L); ``times`` in days. Returns (batch, L, d_model)."""
         deltas = time_deltas(times.double(), previous_time).float()
-        concept = self.word_embeddings(token_ids)
+        concept = self.word_embeddings(token_ids.long())
         x = torch.cat([concept, self.time_embedding(deltas).to(concept.dtype),
                        self.age_embedding(ages).to(concept.dtype)], dim=-1)  # fmt: skip
         x = torch.tanh(self.scale(x))
-        orders = visit_orders.clamp(0, self.config.max_visit_orders - 1)
-        x = x + self.type_embeddings(type_ids) + self.visit_order_embeddings(orders)
-        x = x + self.visit_segment_embeddings(visit_segments)
+        orders = visit_orders.long().clamp(0, self.config.max_visit_orders - 1)
+        x = x + self.type_embeddings(type_ids.long()) + self.visit_order_embeddings(orders)
+        x = x + self.visit_segment_embeddings(visit_segments.long())
         return self.norm(self.dropout(x))

@@ -26,7 +26,7 @@ def run_prefix(run_id: int) -> str:
 
 
 def save_checkpoint(
-    settings: Settings, run_id: int, step: int, model: EHRMamba, meta: dict[str, Any], trainer: dict[str, Any]
+    settings: Settings, run_id: int, step: int, model: torch.nn.Module, meta: dict[str, Any], trainer: dict[str, Any]
 ) -> str:
     location = open_location(settings.object_store_location, settings)
     prefix = f"{run_prefix(run_id)}/step-{step:08d}"
@@ -56,10 +56,14 @@ def latest_checkpoint(settings: Settings, run_id: int) -> str | None:
         return None
 
 
-def load_checkpoint(settings: Settings, prefix: str, *, trainer: bool = True) -> tuple[EHRMamba, dict, dict | None]:
+def load_checkpoint(settings: Settings, prefix: str, *, trainer: bool = True) -> tuple[Any, dict, dict | None]:
     """The model of a checkpoint, its config.json, and (``trainer``) the trainer state."""
     meta = json.loads(_read(settings, f"{prefix}/config.json"))
-    model = EHRMamba(ModelConfig.from_dict(meta["model"]))
+    model: torch.nn.Module = EHRMamba(ModelConfig.from_dict(meta["model"]))
+    if meta.get("kind") == "finetune":
+        from odyssey_batch.model.classifier import EHRMambaForTasks
+
+        model = EHRMambaForTasks(model)
     with tempfile.NamedTemporaryFile(suffix=".safetensors") as fh:
         fh.write(_read(settings, f"{prefix}/model.safetensors"))
         fh.flush()

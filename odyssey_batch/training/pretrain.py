@@ -11,7 +11,6 @@ DistributedDataParallel averages the gradients; rank 0 writes checkpoints and th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -30,7 +29,7 @@ from odyssey_batch.sequences.store import open_dataset
 from odyssey_batch.settings import Settings
 from odyssey_batch.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from odyssey_batch.training.data import collate, length_batches, load_sequences, pretraining_examples
-from odyssey_batch.warehouse import connect
+from odyssey_batch.training.runs import fail_run, finish_run, start_run, update_run
 
 Progress = Callable[[int, int, float, float], None]  # step, total steps, loss, tokens/s
 
@@ -167,7 +166,7 @@ def pretrain(
     meta = {"dataset_version": dataset.version, "vocab_size": len(dataset.vocabulary), "options": asdict(options),
             "backend": backend, "kind": "pretrain"}  # fmt: skip
     if resume is None and rank == 0:
-        run_id = _start_run(url, dataset.version, options, backend, device, world, model)
+        run_id = start_run(url, "pretrain", dataset.version, options, backend, device, world, model)
     if world > 1:
         ids = torch.tensor([run_id if rank == 0 else 0], device=device)
         dist.broadcast(ids, 0)
@@ -207,7 +206,7 @@ def pretrain(
                 trainer = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                            "rng": torch.get_rng_state(), "step": step, "tokens": tokens, "recent": recent}  # fmt: skip
                 artifact = save_checkpoint(settings, run_id, step, model, meta, trainer)
-                _update_run(url, run_id, step, tokens, rate, sum(recent) / len(recent), artifact)
+                update_run(url, run_id, step, tokens, rate, sum(recent) / len(recent), artifact)
             if stop_after is not None and step >= stop_after and step < total:
                 return PretrainResult(run_id, step, tokens, rate, sum(recent) / len(recent), None, artifact,
                                       backend, str(device), model.num_parameters(),
@@ -215,7 +214,7 @@ def pretrain(
         val_loss = evaluate(model, validation, options, device) if rank == 0 else None
     except BaseException as exc:
         if rank == 0:
-            _fail_run(url, run_id, exc)
+            fail_run(url, run_id, exc)
         raise
     finally:
         if world > 1 and dist.is_initialized():
@@ -224,7 +223,7 @@ def pretrain(
     rate = step_tokens / max(seconds, 1e-9)
     train_loss = sum(recent) / len(recent) if recent else math.nan
     if rank == 0:
-        _finish_run(url, run_id, step, tokens, rate, train_loss, val_loss, artifact)
+        finish_run(url, run_id, step, tokens, rate, train_loss, val_loss, artifact)
     return PretrainResult(run_id, step, tokens, rate, train_loss, val_loss, artifact, backend, str(device),
                           model.num_parameters(), seconds)  # fmt: skip
 
@@ -245,63 +244,3 @@ def evaluate(model: EHRMamba, sequences: list, options: PretrainOptions, device:
         count += n
     model.train()
     return total / count if count else None
-
-
-def _start_run(url, dataset_version, options, backend, device, world, model) -> int:
-    conn = connect(url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(
-                """INSERT INTO ops.training_run (kind, dataset_version_id, preset, backend, device, world_size, seed,
-                                                 options)
-                   VALUES ('pretrain', %s, %s, %s, %s, %s, %s, %s::jsonb) RETURNING training_run_id""",
-                (dataset_version, options.preset, backend, str(device), world, options.seed,
-                 json.dumps({"options": asdict(options), "model": model.config.as_dict(),
-                             "parameters": model.num_parameters()})),
-            )  # fmt: skip
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
-
-
-def _update_run(url, run_id, step, tokens, rate, loss, artifact) -> None:
-    conn = connect(url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(
-                """UPDATE ops.training_run SET steps = %s, tokens = %s, tokens_per_s = %s, train_loss = %s,
-                          artifact_uri = %s WHERE training_run_id = %s""",
-                (step, tokens, rate, loss, artifact, run_id),
-            )
-    finally:
-        conn.close()
-
-
-def _finish_run(url, run_id, step, tokens, rate, loss, val_loss, artifact) -> None:
-    _update_run(url, run_id, step, tokens, rate, loss, artifact)
-    conn = connect(url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(
-                "UPDATE ops.training_run SET status = 'succeeded', finished_at = now(), val_loss = %s "
-                "WHERE training_run_id = %s",
-                (val_loss, run_id),
-            )
-    finally:
-        conn.close()
-
-
-def _fail_run(url, run_id, exc: BaseException) -> None:
-    try:
-        conn = connect(url)
-        try:
-            with conn, conn.cursor() as cur:
-                cur.execute(
-                    "UPDATE ops.training_run SET status = 'failed', finished_at = now(), error = %s "
-                    "WHERE training_run_id = %s",
-                    (f"{type(exc).__name__}: {exc}"[:2000], run_id),
-                )
-        finally:
-            conn.close()
-    except Exception:  # the database may be the problem
-        pass

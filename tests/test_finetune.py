@@ -1,0 +1,118 @@
+"""Multitask prompted finetuning on a real warehouse: prompts end with the task token at the prediction time,
+tasks are balanced, one model scores every task, and scoring by one recurrent step per task equals re-encoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from odyssey_batch.ingest import ingest
+from odyssey_batch.model.classifier import EHRMambaForTasks
+from odyssey_batch.quality.gate import validate
+from odyssey_batch.sequences.dataset import TokenizeOptions, tokenize
+from odyssey_batch.sequences.grammar import TokenType, task_token
+from odyssey_batch.sequences.store import open_dataset
+from odyssey_batch.settings import Settings
+from odyssey_batch.synth import generate
+from odyssey_batch.training.checkpoint import latest_checkpoint, load_checkpoint
+from odyssey_batch.training.data import collate
+from odyssey_batch.training.finetune import FinetuneOptions, balance, finetune, task_examples
+from odyssey_batch.training.pretrain import PretrainOptions, pretrain
+from tests.conftest import fresh_database, run_sql
+
+TASKS = ["mortality_30d", "los_7d", "readmission_30d", "hypertension_1y", "fluid_electrolyte_1y",
+         "lipid_disorder_1y"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pretrained(pg_admin_url, template_db, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    settings = Settings(home=home, ingest_workers=1)
+    generate(home / "export", 80, 21)
+    with fresh_database(pg_admin_url, template_db) as url:
+        run = ingest(str(home / "export"), settings, url=url).run_id
+        assert validate(url, settings, run, data_docs=False).success
+        tokenize(url, settings, TokenizeOptions(min_count=1))
+        torch.set_num_threads(1)
+        result = pretrain(url, settings, None, PretrainOptions(preset="tiny", max_length=64, steps=4))
+        yield url, settings, result.training_run_id
+
+
+def test_prompts_end_with_the_task_token_at_the_prediction_time(pretrained):
+    url, settings, _ = pretrained
+    dataset = open_dataset(url, settings)
+    examples = task_examples(dataset, "train", TASKS, 64)
+    labels = dataset.labels().to_pandas()
+    known = labels[(labels.split == "train") & labels.label.notna()]
+    assert len(examples) == len(known) > 100
+    assert {e.task for e in examples} == set(TASKS)
+    for e in examples[:300]:
+        s = e.streams
+        assert len(s["token_ids"]) <= 64 and s["token_ids"][0] == 3
+        assert s["token_ids"][-1] == dataset.vocabulary.id(task_token(e.task)) and s["type_ids"][-1] == TokenType.TASK
+        assert np.all(s["times"][:-1] <= s["times"][-1] + 1e-9)  # nothing after the prediction time
+    balance(examples, "tasks")
+    per_task = {t: sum(e.weight for e in examples if e.task == t) for t in TASKS}
+    assert np.mean([e.weight for e in examples]) == pytest.approx(1.0)
+    assert max(per_task.values()) == pytest.approx(min(per_task.values()))
+
+
+def test_one_finetuned_model_scores_every_task(pretrained):
+    url, settings, parent = pretrained
+    result = finetune(url, settings, parent, FinetuneOptions(max_length=64, batch_size=32, epochs=2, lr=1e-3))
+    assert result.parent_run_id == parent and 1 <= result.best_epoch <= result.epochs <= 2
+    assert set(result.points["train"]) == set(TASKS) and result.val_loss < 1.0
+    row = run_sql(url, "SELECT kind, status, parent_run_id, val_loss FROM ops.training_run WHERE training_run_id = %s",
+                  (result.training_run_id,))[0]  # fmt: skip
+    assert row[:3] == ("finetune", "succeeded", parent) and row[3] == pytest.approx(result.val_loss, rel=1e-4)
+    model, meta, _ = load_checkpoint(settings, latest_checkpoint(settings, result.training_run_id), trainer=False)
+    assert isinstance(model, EHRMambaForTasks) and meta["tasks"] == TASKS and meta["parent_run_id"] == parent
+    model.eval()
+    # all tasks of a patient: encode the history once, then one recurrent step per task token
+    dataset = open_dataset(url, settings)
+    example = task_examples(dataset, "validation", TASKS, 64)[0]
+    history = {k: v[:-1] for k, v in example.streams.items()}
+    streams, lengths = collate([history])
+    with torch.no_grad():
+        _, cache = model.backbone.prefill(streams, lengths)
+        ids = torch.tensor([dataset.vocabulary.id(task_token(t)) for t in TASKS])
+        last = {k: torch.as_tensor(v[-1:]) for k, v in example.streams.items()}
+        tokens = {k: v.repeat(len(TASKS)) for k, v in last.items()}
+        tokens["token_ids"] = ids
+        stepped = model.score_tasks(cache.select(torch.zeros(len(TASKS), dtype=torch.long)), tokens)
+        for i in range(len(TASKS)):  # each equals the whole prompt encoded again
+            prompted = {k: v.copy() for k, v in example.streams.items()}
+            prompted["token_ids"][-1] = ids[i]
+            full, full_lengths = collate([prompted])
+            torch.testing.assert_close(stepped[i], model(full, full_lengths)[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown task"):
+        finetune(url, settings, parent, FinetuneOptions(tasks=("no_such_task",)))
+
+
+def test_train_finetune_command(pretrained):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    url, settings, parent = pretrained
+    env = {**os.environ, "ODYSSEY_DATABASE_URL": url, "ODYSSEY_HOME": str(settings.home), "COLUMNS": "160"}
+    args = ["train", "finetune", "--from", str(parent), "--tasks", "mortality_30d,los_7d", "--epochs", "1",
+            "--max-length", "64", "--batch-size", "32", "--threads", "1"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "odyssey_batch.cli.main", *args, "--json"], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result["points"]["train"]) == {"mortality_30d", "los_7d"} and result["epochs"] == 1
+    bad = subprocess.run([sys.executable, "-m", "odyssey_batch.cli.main", "train", "finetune", "--from", "999"],
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "no checkpoint" in bad.stderr
