@@ -1,0 +1,1 @@
+"""Evaluating risk models the way a clinical reviewer would: discrimination, calibration, uncertainty."""
