@@ -129,3 +129,14 @@ def scalar(query):
         return rows[0][0]
 
     return run
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread: small models and per-step scan loops run faster and steadier on 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

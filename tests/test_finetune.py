@@ -25,12 +25,7 @@ TASKS = ["mortality_30d", "los_7d", "readmission_30d", "hypertension_1y", "fluid
          "lipid_disorder_1y"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from odyssey_batch.training.pretrain import next_token_loss
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sequence(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -38,12 +38,7 @@ def warehouse(pg_admin_url, template_db, tmp_path_factory):
         yield url, settings
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(settings, run_id):

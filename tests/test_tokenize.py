@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -25,6 +22,7 @@ from odyssey_batch.settings import Settings
 from odyssey_batch.synth import generate
 from odyssey_batch.warehouse import connect
 from tests.conftest import fresh_database, run_sql, shared_data
+from tests.test_cli import cli
 
 SYNTHEA_100 = "fhir/synthea-smart-100-ndjson"
 OPTIONS = TokenizeOptions(min_count=2, chunk_patients=40)  # several chunks: the bounded-memory path
@@ -212,43 +210,33 @@ def test_labels_equal_the_synthetic_exports_exact_truth(pg_admin_url, template_d
     assert open_.label.isna().sum() > 0 and (open_.label.dropna() == open_.label_truth[open_.label.notna()]).all()
 
 
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "odyssey_batch.cli.main", *args],
-        env={**os.environ, "COLUMNS": "160", **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_tokenize_refuses_a_rejected_run_until_accepted_and_show_patient(db_url, tmp_path):
     env = {"ODYSSEY_DATABASE_URL": db_url, "ODYSSEY_HOME": str(tmp_path / "home"), "ODYSSEY_INGEST_WORKERS": "1",
            "ODYSSEY_VOCAB_MIN_COUNT": "1"}  # fmt: skip
     settings = Settings(home=tmp_path / "home", ingest_workers=1)
     run = ingest(str(shared_data("fhir/smart-bulk-10-patients-partial")), settings, url=db_url).run_id
-    refused = cli("tokenize", env=env)
+    refused = cli("tokenize", env=env, check=False)
     assert refused.returncode == 1 and f"run {run} has not been validated" in refused.stderr
     run_sql(db_url, "UPDATE ehr.encounter SET end_time = start_time - interval '1 hour' WHERE encounter_id = "
                     "(SELECT min(encounter_id) FROM ehr.encounter)")  # fmt: skip
     assert not validate(db_url, settings, run, data_docs=False).success
     with pytest.raises(RunRejected, match="rejected by the data-quality gate"):
         tokenize(db_url, settings)
-    refused = cli("tokenize", env=env)
+    refused = cli("tokenize", env=env, check=False)
     assert refused.returncode == 1 and f"--accept-run {run}" in refused.stderr
     assert run_sql(db_url, "SELECT count(*) FROM ops.dataset_version") == [(0,)]
 
-    accepted = cli("tokenize", "--accept-run", str(run), "--json", env=env)
+    accepted = cli("tokenize", "--accept-run", str(run), "--json", env=env, check=False)
     assert accepted.returncode == 0, accepted.stderr
     assert run_sql(db_url, "SELECT reason FROM ops.run_acceptance WHERE run_id = %s", (run,)) == [
         ("accepted with --accept-run",)
     ]
     busiest = "SELECT patient_id, count(*) FROM ehr.encounter GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1"
     pid, n_tokens = run_sql(db_url, busiest)[0]
-    shown = cli("show-patient", pid, env=env)
+    shown = cli("show-patient", pid, env=env, check=False)
     assert shown.returncode == 0, shown.stderr
     assert "[CLS]" in shown.stdout and "visit 1 starts" in shown.stdout and "cond:SNOMED:" in shown.stdout
     assert pid not in shown.stdout  # the id is the query, not the output
-    missing = cli("show-patient", "no-such-patient", env=env)
+    missing = cli("show-patient", "no-such-patient", env=env, check=False)
     assert missing.returncode == 2 and "no patient" in missing.stderr
     assert n_tokens > 0 and not math.isnan(float(n_tokens))

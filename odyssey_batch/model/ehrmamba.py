@@ -21,8 +21,7 @@ from torch import nn
 from odyssey_batch.model.config import ModelConfig
 from odyssey_batch.model.embeddings import EHRMambaEmbeddings
 from odyssey_batch.model.mixer import MambaMixer
-
-STREAMS = ("token_ids", "type_ids", "ages", "times", "visit_orders", "visit_segments")
+from odyssey_batch.sequences.tokens import STREAMS
 
 
 class RMSNorm(nn.Module):

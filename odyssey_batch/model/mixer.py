@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from odyssey_batch.model.config import ModelConfig
-from odyssey_batch.model.ssm import causal_conv1d, selective_scan, selective_state_step
+from odyssey_batch.model.ssm import causal_conv1d, causal_conv1d_step, selective_scan, selective_state_step
 
 
 class MambaMixer(nn.Module):
@@ -92,9 +92,7 @@ class MambaMixer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One token: hidden (batch, d_model) → (out (batch, d_model), new conv state, new SSM state)."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, d_inner)
-        conv_state = torch.cat([conv_state[:, :, 1:], x[:, :, None].float()], dim=-1)
-        weight = self.conv1d.weight.squeeze(1).float()
-        x = F.silu((conv_state * weight).sum(-1) + self.conv1d.bias.float())
+        x, conv_state = causal_conv1d_step(x, conv_state, self.conv1d.weight, self.conv1d.bias, activation="silu")
         delta, B, C = self._ssm_inputs(x[:, None, :].to(hidden.dtype))
         A = -torch.exp(self.A_log.float())
         y, ssm_state = selective_state_step(

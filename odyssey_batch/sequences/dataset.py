@@ -31,6 +31,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from odyssey_batch.ingest.stage import copy_field
 from odyssey_batch.labels.points import LabelPoint, task_points
 from odyssey_batch.labels.tasks import Registry, load_registry
 from odyssey_batch.parallel import prefetch
@@ -405,11 +406,9 @@ def _commit(
 
     buffer = io.StringIO()
     for p, split, _ in rows:
-        label = "\\N" if p.label is None else ("t" if p.label else "f")
-        buffer.write(
-            f"{p.task}\t{_copy_text(p.patient_id)}\t{_iso(p.prediction_time)}\t{label}\t{split}\t"
-            f"{_copy_text(p.index_encounter_id)}\t{'t' if p.censored else 'f'}\t{_iso(p.window_end)}\t{version}\n"
-        )
+        fields = (p.task, p.patient_id, _iso(p.prediction_time), p.label, split, p.index_encounter_id, p.censored,
+                  _iso(p.window_end), version)  # fmt: skip
+        buffer.write("\t".join(copy_field(f) for f in fields) + "\n")
     buffer.seek(0)
     with conn, conn.cursor() as cur:
         cur.execute("LOCK TABLE ehr.task_label IN EXCLUSIVE MODE")
@@ -426,10 +425,6 @@ def _commit(
         )
     with conn, conn.cursor() as cur:
         cur.execute("ANALYZE ehr.task_label")
-
-
-def _copy_text(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _iso(seconds: float) -> str:
