@@ -7,7 +7,13 @@ import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, roc_auc_score
 
 from odyssey_batch.evaluation.calibration import Calibrator
-from odyssey_batch.evaluation.metrics import bootstrap, evaluate_task, expected_calibration_error, metric
+from odyssey_batch.evaluation.metrics import (
+    best_f1_threshold,
+    bootstrap,
+    evaluate_task,
+    expected_calibration_error,
+    metric,
+)
 
 Y = np.array([0, 0, 1, 1, 0, 1, 0, 0, 1, 0])
 P = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9, 0.05, 0.6, 0.7, 0.3])
@@ -17,11 +23,29 @@ def test_metrics_equal_scikit_learn_on_fixed_arrays():
     assert metric("auroc", Y, P) == pytest.approx(roc_auc_score(Y, P)) == pytest.approx(22 / 24)
     assert metric("auprc", Y, P) == pytest.approx(average_precision_score(Y, P))
     assert metric("f1", Y, P) == pytest.approx(f1_score(Y, P >= 0.5)) == pytest.approx(0.75)
-    assert metric("f1", Y, P, threshold=0.3) == pytest.approx(f1_score(Y, P >= 0.3))
+    assert metric("f1_tuned", Y, P, threshold=0.3) == pytest.approx(f1_score(Y, P >= 0.3))
+    assert metric("f1", Y, P, threshold=0.3) == metric("f1", Y, P)  # F1 at 0.5 whatever the tuned threshold
     assert metric("brier", Y, P) == pytest.approx(brier_score_loss(Y, P))
     assert metric("auroc", np.zeros(5), np.linspace(0, 1, 5)) is None  # one class: undefined, not an error
     with pytest.raises(ValueError, match="unknown metric"):
         metric("accuracy", Y, P)
+
+
+def test_fast_rank_metrics_equal_scikit_learn_with_ties():
+    rng = np.random.default_rng(3)
+    for n in (3, 40, 2000):
+        for _ in range(10):
+            y = (rng.random(n) < 0.3).astype(float)
+            y[:2] = [1, 0]
+            p = np.round(rng.random(n), 1)  # many ties
+            assert metric("auroc", y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+            assert metric("auprc", y, p) == pytest.approx(average_precision_score(y, p), abs=1e-12)
+
+
+def test_best_f1_threshold_maximizes_f1():
+    threshold = best_f1_threshold(Y, P)
+    best = max(f1_score(Y, np.greater_equal(P, t)) for t in np.unique(P))
+    assert f1_score(Y, np.greater_equal(P, threshold)) == pytest.approx(best) and threshold == pytest.approx(0.7)
 
 
 def test_expected_calibration_error_by_hand():
@@ -44,7 +68,8 @@ def test_bootstrap_interval_brackets_the_value_and_narrows_with_data():
     again = bootstrap(lambda a, b: metric("auroc", a, b), small_y, small_p, resamples=300)
     assert again == small  # seeded
     report = evaluate_task(Y, P, resamples=50)
-    assert set(report) == {"auroc", "auprc", "f1", "brier", "ece"} and report["auroc"].value == pytest.approx(22 / 24)
+    assert set(report) == {"auroc", "auprc", "f1", "f1_tuned", "brier", "ece"}
+    assert report["auroc"].value == pytest.approx(22 / 24)
 
 
 @pytest.mark.parametrize("method", ["isotonic", "platt"])

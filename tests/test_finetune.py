@@ -17,7 +17,14 @@ from odyssey_batch.settings import Settings
 from odyssey_batch.synth import generate
 from odyssey_batch.training.checkpoint import latest_checkpoint, load_checkpoint
 from odyssey_batch.training.data import collate
-from odyssey_batch.training.finetune import FinetuneOptions, balance, finetune, task_examples
+from odyssey_batch.training.finetune import (
+    FinetuneOptions,
+    balance,
+    best_checkpoint,
+    finetune,
+    load_calibration,
+    task_examples,
+)
 from odyssey_batch.training.pretrain import PretrainOptions, pretrain
 from tests.conftest import fresh_database, run_sql
 
@@ -91,6 +98,52 @@ def test_one_finetuned_model_scores_every_task(pretrained):
             torch.testing.assert_close(stepped[i], model(full, full_lengths)[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown task"):
         finetune(url, settings, parent, FinetuneOptions(tasks=("no_such_task",)))
+
+
+def test_paper_placement_replaces_cls_and_the_final_reg(pretrained):
+    url, settings, _ = pretrained
+    dataset = open_dataset(url, settings)
+    appended = task_examples(dataset, "train", TASKS, 64, "append")
+    replaced = task_examples(dataset, "train", TASKS, 64, "replace")
+    assert len(appended) == len(replaced)
+    ends_with_reg = 0
+    for a, r in zip(appended, replaced, strict=True):
+        task_id = dataset.vocabulary.id(task_token(r.task))
+        assert a.task == r.task and r.streams["token_ids"][0] == task_id and a.streams["token_ids"][0] == 3
+        history = a.streams["token_ids"][:-1]  # the same cut history, [CLS] first
+        if len(r.streams["token_ids"]) == len(history):  # the window was not shortened by the appended token
+            same = r.streams["token_ids"][1:-1] == history[1:-1]
+            assert same.all()
+            if r.streams["token_ids"][-1] == task_id:
+                ends_with_reg += 1
+                assert history[-1] == dataset.vocabulary.id("[REG]")
+            else:
+                assert r.streams["token_ids"][-1] == history[-1]
+    assert ends_with_reg > 50  # discharge-time points end with a visit's [REG]
+
+
+def test_killed_finetuning_resumes_to_the_same_model_and_calibrates(pretrained):
+    url, settings, parent = pretrained
+    options = FinetuneOptions(max_length=64, batch_size=32, epochs=3, lr=1e-3, patience=5, seed=3,
+                              tasks=("mortality_30d", "readmission_30d"), placement="replace")  # fmt: skip
+    whole = finetune(url, settings, parent, options)
+    killed = finetune(url, settings, parent, options, stop_after_epochs=1)
+    assert not killed.finished and killed.epochs == 1
+    status = run_sql(url, "SELECT status FROM ops.training_run WHERE training_run_id = %s", (killed.training_run_id,))
+    assert status == [("running",)]
+    resumed = finetune(url, settings, None, FinetuneOptions(), resume=killed.training_run_id)
+    assert resumed.training_run_id == killed.training_run_id and resumed.placement == "replace"
+    assert (resumed.steps, resumed.epochs, resumed.best_epoch) == (whole.steps, whole.epochs, whole.best_epoch)
+    assert resumed.val_loss == pytest.approx(whole.val_loss, rel=1e-4)
+    calibration = load_calibration(settings, best_checkpoint(settings, resumed.training_run_id))
+    assert calibration["placement"] == "replace" and set(calibration["tasks"]) == {"mortality_30d", "readmission_30d"}
+    for fitted in calibration["tasks"].values():
+        if fitted["calibrator"]:
+            ys = fitted["calibrator"]["y"]
+            assert bool(np.all(np.diff(ys) >= 0)) and 0 <= ys[0] <= ys[-1] <= 1
+            assert 0 <= fitted["threshold"] <= 1
+    with pytest.raises(ValueError, match="not a finetuning run"):
+        finetune(url, settings, None, FinetuneOptions(), resume=parent)
 
 
 def test_train_finetune_command(pretrained):
