@@ -62,6 +62,11 @@ class Settings:
     split_validation: float = 0.1
     # The clinical task registry (TOML); empty means the packaged default six tasks.
     tasks_file: str = ""
+    # Promotion rule: a candidate replaces the champion only if, on the same test points, its mean of the metric
+    # over tasks is at least the champion's plus ``min_mean_gain`` and no task loses more than ``max_task_drop``.
+    promotion_metric: str = "auroc"
+    promotion_max_task_drop: float = 0.02
+    promotion_min_mean_gain: float = 0.0
 
     @property
     def embedded(self) -> bool:
@@ -71,6 +76,12 @@ class Settings:
     @property
     def object_store_location(self) -> str:
         return self.object_store or str(self.home / "objects")
+
+    def promotion_rule(self):  # -> odyssey_batch.registry.promotion.PromotionRule (imported lazily: no torch here)
+        from odyssey_batch.registry.promotion import PromotionRule
+
+        return PromotionRule(metric=self.promotion_metric, max_task_drop=self.promotion_max_task_drop,
+                             min_mean_gain=self.promotion_min_mean_gain)  # fmt: skip
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)

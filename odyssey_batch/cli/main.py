@@ -536,7 +536,9 @@ def train_pretrain(
 
 @train_app.command("finetune")
 def train_finetune(
-    from_run: Annotated[int, typer.Option("--from", help="The pretraining run (ops.training_run) to start from.")],
+    from_run: Annotated[
+        int | None, typer.Option("--from", help="The pretraining run (ops.training_run) to start from.")
+    ] = None,
     tasks: Annotated[str, typer.Option(help="`all`, or task names separated by commas.")] = "all",
     max_length: Annotated[int | None, typer.Option(help="Tokens per input, the task token included.")] = None,
     batch_size: Annotated[int, typer.Option(help="Prediction points per batch (grouped by length).")] = 16,
@@ -544,16 +546,34 @@ def train_finetune(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
     balance: Annotated[str, typer.Option(help="`tasks`: every task weighs the same; `none`: every point.")] = "tasks",
     patience: Annotated[int, typer.Option(help="Epochs without a better validation loss before stopping.")] = 2,
+    placement: Annotated[
+        str, typer.Option(help="Task token `append`ed after the history, or `replace` [CLS] and the last [REG].")
+    ] = "append",
+    calibration: Annotated[str, typer.Option(help="Per-task calibrator on validation: isotonic or platt.")] = (
+        "isotonic"
+    ),
+    single_task: Annotated[
+        bool, typer.Option("--single-task", help="The ablation: one model per task instead of one for all.")
+    ] = False,
+    register: Annotated[
+        bool, typer.Option(help="Register the model as a candidate model version (ops.model_version).")
+    ] = True,
     seed: Annotated[int, typer.Option(help="Seed: head weights, batch order, dropout.")] = 0,
+    resume: Annotated[
+        int | None, typer.Option(help="Continue this finetuning run from its last epoch checkpoint (same options).")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Multitask prompted finetuning: one model for every clinical task of the dataset version.
 
     Each labelled prediction point of `ehr.task_label` becomes an input: the patient's tokens known at the
-    prediction time, then the task's token `[TASK:<name>]`; one shared head reads that last token. Scoring can then
-    encode a history once and take one recurrent step per task. Validation loss after each epoch keeps the best
-    epoch; the run is recorded in `ops.training_run` (kind `finetune`, parent: the pretraining run).
+    prediction time and the task's token `[TASK:<name>]` (appended, so scoring encodes a history once and takes
+    one recurrent step per task; or `--placement replace`, the reference design's). One shared head reads the last
+    token. Validation loss after each epoch keeps the best epoch; calibrators and F1 thresholds per task are fitted
+    on validation; the run is recorded in `ops.training_run` and the model registered as a candidate in
+    `ops.model_version` (then `odyssey-batch evaluate <version>`). `--single-task` trains the ablation instead:
+    one run per task, not registered, which `evaluate` puts beside the multitask model.
     """
     import torch
 
@@ -565,28 +585,227 @@ def train_finetune(
     upgrade(url)
     if threads:
         torch.set_num_threads(threads)
+    if from_run is None and resume is None:
+        err_console.print("[red]finetune failed:[/] give --from <pretraining run> (or --resume <finetuning run>)")
+        raise typer.Exit(2)
     chosen = () if tasks.strip() == "all" else tuple(t.strip() for t in tasks.split(",") if t.strip())
     options = FinetuneOptions(
         tasks=chosen, max_length=max_length or settings.max_length, batch_size=batch_size, epochs=epochs, lr=lr,
-        balance=balance, patience=patience, seed=seed,
+        balance=balance, patience=patience, seed=seed, placement=placement, calibration=calibration,
     )  # fmt: skip
-    with TrainProgress(enabled=not json_output) as progress:
-        try:
-            result = finetune(url, settings, from_run, options, progress=progress.update)
-        except (LookupError, ValueError) as exc:
-            err_console.print(f"[red]finetune failed:[/] {exc}")
-            raise typer.Exit(2) from exc
+    results = []
+    try:
+        if single_task:
+            from odyssey_batch.training.finetune import dataset_tasks
+
+            for task in chosen or dataset_tasks(url, settings, from_run):
+                with TrainProgress(enabled=not json_output) as progress:
+                    one = FinetuneOptions(**{**options.__dict__, "tasks": (task,)})
+                    results.append(finetune(url, settings, from_run, one, progress=progress.update))
+        else:
+            with TrainProgress(enabled=not json_output) as progress:
+                results.append(finetune(url, settings, from_run, options, resume=resume, progress=progress.update))
+    except (LookupError, ValueError) as exc:
+        err_console.print(f"[red]finetune failed:[/] {exc}")
+        raise typer.Exit(2) from exc
+    data = [r.as_dict() for r in results]
+    if register and not single_task:
+        from odyssey_batch.registry.bundle import register_run
+
+        data[0]["model_version"] = register_run(url, settings, results[0].training_run_id).model_version
     if json_output:
-        emit_json(result.as_dict())
+        emit_json(data if single_task else data[0])
         return
-    rows = [[t, result.points["train"].get(t, 0), result.points["validation"].get(t, 0),
-             "-" if a is None else f"{a:.3f}"] for t, a in result.val_auroc.items()]  # fmt: skip
-    console.print(table(f"Finetuning run {result.training_run_id} (from pretraining run {result.parent_run_id})",
-                        ["task", "train points", "validation points", "validation AUROC"], rows))  # fmt: skip
-    console.print(
-        f"Best epoch {result.best_epoch} of {result.epochs}: validation loss {result.val_loss:.4f}; "
-        f"{result.steps:,} steps in {result.seconds:.0f} s on {result.device}.\nCheckpoint: {result.artifact_uri}"
-    )
+    for result, info in zip(results, data, strict=True):
+        rows = [[t, result.points["train"].get(t, 0), result.points["validation"].get(t, 0),
+                 "-" if a is None else f"{a:.3f}"] for t, a in result.val_auroc.items()]  # fmt: skip
+        title = f"Finetuning run {result.training_run_id} (from pretraining run {result.parent_run_id})"
+        console.print(table(title, ["task", "train points", "validation points", "validation AUROC"], rows))
+        console.print(
+            f"Best epoch {result.best_epoch} of {result.epochs}: validation loss {result.val_loss:.4f}; "
+            f"{result.steps:,} steps in {result.seconds:.0f} s on {result.device} (placement {result.placement}).\n"
+            f"Checkpoint: {result.artifact_uri}"
+        )
+        if "model_version" in info:
+            console.print(f"Registered as candidate model version [bold]{info['model_version']}[/]: "
+                          f"evaluate it with `odyssey-batch evaluate {info['model_version']}`.")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def _fmt(value: float | None) -> str:
+    return "—" if value is None or value != value else f"{value:.3f}"
+
+
+def _print_evaluation(data: dict[str, Any]) -> None:
+    rows = [[r["task"], r["method"], f"{r['n_pos']}/{r['n_neg']}", _fmt(r["auroc"]), _fmt(r["auprc"]),
+             _fmt(r["f1"]), _fmt(r["f1_tuned"]), _fmt(r["brier"]), _fmt(r["ece"])] for r in data["table"]]  # fmt: skip
+    title = f"Model version {data['model_version']} on the test split of dataset version {data['dataset_version']}"
+    columns = ["task", "method", "n+/n−", "AUROC", "AUPRC", "F1@0.5", "F1@thr", "Brier", "ECE"]
+    console.print(table(title, columns, rows))
+    for note in data["notes"]:
+        console.print(f"• {note}")
+    console.print(f"Report: {data['report'].get('report/report.html', '-')}  ({data['seconds']:.0f} s)")
+
+
+@app.command()
+def evaluate(
+    model_version: Annotated[int, typer.Argument(help="The model version (ops.model_version) to evaluate.")],
+    baselines: Annotated[str, typer.Option(help="Baselines on the same points: logreg,gbt or `none`.")] = (
+        "logreg,gbt"
+    ),
+    oracle: Annotated[
+        Path | None, typer.Option(help="truth.parquet of a synthetic export: adds the true risk as `oracle`.")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Finetuning seeds for mean ± std (extra seeds are trained).")] = 1,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    promote: Annotated[
+        bool, typer.Option("--promote", help="Then apply the promotion rule (`odyssey-batch models promote`).")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Evaluate a model version on the test split of its dataset version, against baselines, on the same points.
+
+    Per task: AUROC, AUPRC, F1 at 0.5 and at the threshold chosen on validation, Brier score, expected
+    calibration error, positives and negatives, 95% bootstrap intervals. Beside the model: logistic regression
+    and gradient-boosted trees on code counts plus age, the single-task models (`train finetune --single-task`)
+    when they exist, the true risk with `--oracle`, and the current champion. Rows go to `ops.model_evaluation`;
+    a Markdown/HTML report with ROC and calibration plots is stored with the model (`report/`).
+    """
+    import torch
+
+    from odyssey_batch.evaluation.evaluate import EvaluateOptions, evaluate_model
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = _settings()
+    url = database_url(settings)
+    upgrade(url)
+    if threads:
+        torch.set_num_threads(threads)
+    chosen = () if baselines.strip() in ("", "none") else tuple(b.strip() for b in baselines.split(",") if b.strip())
+    options = EvaluateOptions(baselines=chosen, oracle=str(oracle) if oracle else None, seeds=seeds,
+                              resamples=resamples)  # fmt: skip
+    try:
+        result = evaluate_model(url, settings, model_version, options,
+                                progress=None if json_output else lambda m: err_console.print(f"… {m}"))  # fmt: skip
+    except (LookupError, ValueError) as exc:
+        err_console.print(f"[red]evaluate failed:[/] {exc}")
+        raise typer.Exit(2) from exc
+    data = result.as_dict()
+    if promote:
+        from odyssey_batch.registry.promotion import promote as apply_rule
+
+        decision = apply_rule(url, model_version, settings.promotion_rule())
+        data["promotion"] = {"promoted": decision.promote, "reason": decision.reason}
+    if json_output:
+        emit_json(data)
+        return
+    _print_evaluation(data)
+    if promote:
+        verdict = "[green]promoted to champion[/]" if data["promotion"]["promoted"] else "[yellow]not promoted[/]"
+        console.print(f"Model version {model_version} {verdict}: {data['promotion']['reason']}")
+
+
+models_app = typer.Typer(
+    help="The model registry: candidates, the champion that scores nightly, promotion and rollback.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(json_output: JsonOption = False) -> None:
+    """Every model version, newest first: status, dataset version, preset, mean test AUROC."""
+    from odyssey_batch.registry.versions import list_versions
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = _settings()
+    url = database_url(settings)
+    upgrade(url)
+    found = list_versions(url)
+    data = []
+    for v in found:
+        aurocs = [m.get("model", {}).get("auroc") for m in (v.metrics.get("test") or {}).values()]
+        aurocs = [a for a in aurocs if a is not None]
+        data.append({"model_version": v.model_version, "status": v.status, "created_at": v.created_at.isoformat(),
+                     "dataset_version": v.dataset_version, "training_run_id": v.training_run_id, "preset": v.preset,
+                     "mean_auroc": sum(aurocs) / len(aurocs) if aurocs else None, "reason": v.status_reason,
+                     "artifact_uri": v.artifact_uri})  # fmt: skip
+    if json_output:
+        emit_json({"models": data})
+        return
+    rows = [[d["model_version"], d["status"], d["created_at"][:19], d["dataset_version"], d["training_run_id"],
+             d["preset"], _fmt(d["mean_auroc"]), d["reason"] or ""] for d in data]  # fmt: skip
+    columns = ["version", "status", "created", "dataset", "run", "preset", "mean AUROC", "reason"]
+    console.print(table("Model versions", columns, rows))
+
+
+@models_app.command("promote")
+def models_promote(
+    model_version: Annotated[int, typer.Argument(help="The candidate model version.")],
+    force: Annotated[bool, typer.Option("--force", help="Promote without the rule (needs --reason).")] = False,
+    reason: Annotated[str, typer.Option(help="Why (recorded in ops.model_promotion).")] = "",
+    actor: Annotated[str, typer.Option(help="Who (recorded).")] = os.environ.get("USER", "operator"),
+    json_output: JsonOption = False,
+) -> None:
+    """Make a candidate the champion if the promotion rule allows it (or `--force` it, with a reason).
+
+    The rule compares the candidate with the champion on the candidate's test points (`evaluate` scores both):
+    the mean AUROC must not be lower and no task may lose more than `ODYSSEY_PROMOTION_MAX_TASK_DROP`. Every
+    decision is recorded in `ops.model_promotion`.
+    """
+    from odyssey_batch.registry.promotion import force_promote
+    from odyssey_batch.registry.promotion import promote as apply_rule
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = _settings()
+    url = database_url(settings)
+    upgrade(url)
+    try:
+        if force:
+            if not reason:
+                err_console.print("[red]promote failed:[/] --force needs --reason")
+                raise typer.Exit(2)
+            force_promote(url, model_version, actor=actor, reason=reason)
+            data = {"model_version": model_version, "promoted": True, "reason": reason, "forced": True}
+        else:
+            decision = apply_rule(url, model_version, settings.promotion_rule(), actor=actor)
+            data = {"model_version": model_version, "promoted": decision.promote, "reason": decision.reason,
+                    "forced": False}  # fmt: skip
+    except (LookupError, ValueError) as exc:
+        err_console.print(f"[red]promote failed:[/] {exc}")
+        raise typer.Exit(2) from exc
+    if json_output:
+        emit_json(data)
+    else:
+        verdict = "[green]is now the champion[/]" if data["promoted"] else "[yellow]stays a candidate[/]"
+        console.print(f"Model version {model_version} {verdict}: {data['reason']}")
+    if not data["promoted"]:
+        raise typer.Exit(1)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    reason: Annotated[str, typer.Option(help="Why (recorded in ops.model_promotion).")],
+    actor: Annotated[str, typer.Option(help="Who (recorded).")] = os.environ.get("USER", "operator"),
+    json_output: JsonOption = False,
+) -> None:
+    """Retire the champion and bring back the one it replaced (recorded in `ops.model_promotion`)."""
+    from odyssey_batch.registry.promotion import rollback
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = _settings()
+    url = database_url(settings)
+    upgrade(url)
+    try:
+        restored = rollback(url, actor=actor, reason=reason)
+    except (LookupError, ValueError) as exc:
+        err_console.print(f"[red]rollback failed:[/] {exc}")
+        raise typer.Exit(2) from exc
+    if json_output:
+        emit_json({"champion": restored.model_version})
+    else:
+        console.print(f"Model version [bold]{restored.model_version}[/] is the champion again.")
 
 
 def _print_synth_summary(data: dict[str, Any]) -> None:

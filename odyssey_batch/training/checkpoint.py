@@ -56,17 +56,24 @@ def latest_checkpoint(settings: Settings, run_id: int) -> str | None:
         return None
 
 
-def load_checkpoint(settings: Settings, prefix: str, *, trainer: bool = True) -> tuple[Any, dict, dict | None]:
-    """The model of a checkpoint, its config.json, and (``trainer``) the trainer state."""
-    meta = json.loads(_read(settings, f"{prefix}/config.json"))
+def build_model(meta: dict[str, Any], weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The model a checkpoint's ``config.json`` describes (EHRMamba, or EHRMambaForTasks when finetuned), with
+    its weights."""
     model: torch.nn.Module = EHRMamba(ModelConfig.from_dict(meta["model"]))
     if meta.get("kind") == "finetune":
         from odyssey_batch.model.classifier import EHRMambaForTasks
 
         model = EHRMambaForTasks(model)
+    model.load_state_dict(weights)
+    return model
+
+
+def load_checkpoint(settings: Settings, prefix: str, *, trainer: bool = True) -> tuple[Any, dict, dict | None]:
+    """The model of a checkpoint, its config.json, and (``trainer``) the trainer state."""
+    meta = json.loads(_read(settings, f"{prefix}/config.json"))
     with tempfile.NamedTemporaryFile(suffix=".safetensors") as fh:
         fh.write(_read(settings, f"{prefix}/model.safetensors"))
         fh.flush()
-        model.load_state_dict(load_file(fh.name))
+        model = build_model(meta, load_file(fh.name))
     state = torch.load(io.BytesIO(_read(settings, f"{prefix}/trainer.pt")), weights_only=False) if trainer else None
     return model, meta, state

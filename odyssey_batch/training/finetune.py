@@ -250,6 +250,15 @@ def load_calibration(settings: Settings, prefix: str) -> dict[str, dict]:
         return json.loads(fh.read())
 
 
+def dataset_tasks(url: str, settings: Settings, pretrained: int | None) -> list[str]:
+    """The tasks of the dataset version a pretraining run was trained on."""
+    prefix = latest_checkpoint(settings, pretrained) if pretrained is not None else None
+    if prefix is None:
+        raise LookupError(f"training run {pretrained} has no checkpoint to finetune from")
+    _, meta, _ = load_checkpoint(settings, prefix, trainer=False)
+    return [t["name"] for t in open_dataset(url, settings, meta["dataset_version"]).manifest["tasks"]["tasks"]]
+
+
 def finetune(
     url: str,
     settings: Settings,
