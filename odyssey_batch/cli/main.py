@@ -549,9 +549,9 @@ def train_finetune(
     placement: Annotated[
         str, typer.Option(help="Task token `append`ed after the history, or `replace` [CLS] and the last [REG].")
     ] = "append",
-    calibration: Annotated[str, typer.Option(help="Per-task calibrator on validation: isotonic or platt.")] = (
-        "isotonic"
-    ),
+    calibration: Annotated[
+        str, typer.Option(help="Per-task calibrator fitted on validation: platt, or isotonic (ties scores).")
+    ] = "platt",
     single_task: Annotated[
         bool, typer.Option("--single-task", help="The ablation: one model per task instead of one for all.")
     ] = False,
