@@ -98,7 +98,12 @@ def test_demo_on_the_embedded_server_and_db_url(tmp_path):
         assert demo["tables"]["ehr.observation"] == synth["counts"]["Observation"]
         assert demo["validate"]["success"] and demo["tokenize"]["patients"]["train"] > 200
         assert demo["tokenize"]["labels"]["mortality_30d"]["positive"] > 10
-        assert demo["pretrain"]["steps"] == 30 and demo["pretrain"]["val_loss"] < 10
+        assert demo["pretrain"]["steps"] == 100 and demo["pretrain"]["val_loss"] < 10
+        first = demo["finetune"]["model_version"]
+        assert demo["evaluate"]["model_version"] == first and demo["promotion"]["promoted"]
+        methods = {(r["task"], r["method"]) for r in demo["evaluate"]["table"]}
+        assert {m for t, m in methods if t == "mortality_30d"} == {"model", "logreg", "gbt", "oracle"}
+        assert len({t for t, _ in methods}) == 6 and demo["evaluate"]["report"]["report/report.html"]
         url = cli("db", "url", env=env).stdout.strip()
         assert url == demo["warehouse"]["url"] and "host=" in url
         # The server keeps running between commands, so psql (here psycopg2) can use the printed URL.
@@ -106,6 +111,7 @@ def test_demo_on_the_embedded_server_and_db_url(tmp_path):
         # Running the demo again regenerates the same export (same seed) and changes nothing.
         again = json.loads(cli("demo", "--json", env=env).stdout)
         assert again["ingest"]["unchanged"] == ingested["records"] and again["ingest"]["loaded"] == 0
+        assert again["evaluate"]["champion_version"] == first  # compared with the champion on the same points
         assert json.loads(cli("db", "status", "--json", env=env).stdout)["embedded_running"] is True
     finally:
         cli("db", "stop", env=env, check=False)

@@ -875,7 +875,8 @@ def example_export() -> Path:
 
 DEMO_PATIENTS = 300
 DEMO_SEED = 42
-DEMO_TRAIN_STEPS = 30
+DEMO_TRAIN_STEPS = 100
+DEMO_FINETUNE_EPOCHS = 3
 
 
 @app.command()
@@ -884,8 +885,9 @@ def demo(json_output: JsonOption = False) -> None:
 
     Always uses the embedded server under ODYSSEY_HOME (never a configured production warehouse).
     Today: start the server, migrate the schema, generate a synthetic export of 300 patients (seed 42), ingest
-    it, validate it with the data-quality gate, tokenize it into a dataset with task labels, and pretrain a tiny
-    EHRMamba on it for a few steps.
+    it, validate it with the data-quality gate, tokenize it into a dataset with task labels, pretrain a tiny
+    EHRMamba on it, finetune it on every task, evaluate it against the baselines and the export's true risk
+    (HTML report with plots), and promote it to champion.
     """
     import shutil
 
@@ -953,25 +955,54 @@ def demo(json_output: JsonOption = False) -> None:
         console.rule("[bold]5. Pretrain EHRMamba (the tiny preset, a short run)")
     from odyssey_batch.training.pretrain import PretrainOptions, pretrain
 
-    options = PretrainOptions(preset="tiny", max_length=256, batch_size=8, steps=DEMO_TRAIN_STEPS, lr=3e-3,
+    options = PretrainOptions(preset="tiny", max_length=256, batch_size=16, steps=DEMO_TRAIN_STEPS, lr=3e-3,
                               checkpoint_every=DEMO_TRAIN_STEPS)  # fmt: skip
     with TrainProgress(enabled=not json_output) as progress:
         trained = pretrain(url, settings, tokens.dataset_version_id, options, progress=progress.update)
     steps["pretrain"] = trained.as_dict()
+    if not json_output:
+        console.print(
+            f"Training run {trained.training_run_id}: {trained.steps} steps, {trained.tokens:,} tokens, "
+            f"{trained.tokens_per_s:,.0f} tokens/s ({trained.backend} scan on {trained.device}); loss "
+            f"{trained.train_loss:.2f}, validation {trained.val_loss:.2f}. For a real model: "
+            "`odyssey-batch train pretrain --preset small`."
+        )
+        console.rule("[bold]6. Finetune one model for every task (multitask prompted finetuning)")
+    from odyssey_batch.evaluation.evaluate import EvaluateOptions, evaluate_model
+    from odyssey_batch.registry.bundle import register_run
+    from odyssey_batch.registry.promotion import promote
+    from odyssey_batch.training.finetune import FinetuneOptions, finetune
+
+    tuning = FinetuneOptions(max_length=256, batch_size=32, epochs=DEMO_FINETUNE_EPOCHS, lr=3e-3)
+    with TrainProgress(enabled=not json_output) as progress:
+        tuned = finetune(url, settings, trained.training_run_id, tuning, progress=progress.update)
+    version = register_run(url, settings, tuned.training_run_id).model_version
+    steps["finetune"] = {**tuned.as_dict(), "model_version": version}
+    if not json_output:
+        console.print(
+            f"Finetuning run {tuned.training_run_id}: best epoch {tuned.best_epoch} of {tuned.epochs}, validation "
+            f"loss {tuned.val_loss:.3f}; registered as candidate model version {version}."
+        )
+        console.rule("[bold]7. Evaluate against baselines and the true risk, then promote")
+    evaluation = evaluate_model(url, settings, version, EvaluateOptions(oracle=str(export / "truth.parquet"),
+                                                                        resamples=200),
+                                progress=None if json_output else lambda m: err_console.print(f"… {m}"))  # fmt: skip
+    decision = promote(url, version, settings.promotion_rule(), actor="demo")
+    steps["evaluate"] = evaluation.as_dict()
+    steps["promotion"] = {"promoted": decision.promote, "reason": decision.reason}
     if json_output:
         emit_json(steps)
         return
+    _print_evaluation(steps["evaluate"])
+    console.print(f"Promotion: {decision.reason}" + (" → champion." if decision.promote else ""))
     console.print(
-        f"Training run {trained.training_run_id}: {trained.steps} steps, {trained.tokens:,} tokens, "
-        f"{trained.tokens_per_s:,.0f} tokens/s ({trained.backend} scan on {trained.device}); loss "
-        f"{trained.train_loss:.2f}, validation {trained.val_loss:.2f}. For a real model: "
-        "`odyssey-batch train pretrain --preset small`."
-    )
-    console.print(
+        "\nThe tiny preset trains in seconds and is far from the oracle; for a real model: "
+        "`odyssey-batch train pretrain --preset small`, then `train finetune` and `evaluate`.\n"
         "\nExplore it with SQL:\n"
         f'  psql "{url}" -c "SELECT class_code, count(*) FROM ehr.encounter GROUP BY 1"\n'
         f'  psql "{url}" -c "SELECT task, count(*), avg(label::int) FROM ehr.task_label GROUP BY 1"\n'
-        "See one patient's tokens: odyssey-batch show-patient <patient_id>\n"
+        f'  psql "{url}" -c "SELECT task, method, value FROM ops.model_evaluation WHERE metric = \'auroc\'"\n'
+        "See one patient's tokens: odyssey-batch show-patient <patient_id>; the models: odyssey-batch models list.\n"
         "Stop the server with `odyssey-batch db stop`."
     )
 
