@@ -356,7 +356,7 @@ def finetune(
                 optimizer.zero_grad(set_to_none=True)
                 step, tokens, step_tokens = step + 1, tokens + n, step_tokens + n
                 if progress is not None:
-                    progress(step, total, float(loss), step_tokens / max(time.perf_counter() - started, 1e-9))
+                    progress(step, total, float(loss.detach()), step_tokens / max(time.perf_counter() - started, 1e-9))
             val_loss, auroc = validate_tasks(model, validation, options.batch_size, device)
             improved = val_loss < best["val_loss"]
             if improved:

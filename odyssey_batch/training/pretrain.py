@@ -198,7 +198,7 @@ def pretrain(
                 count = int(counted.item())
             tokens += count
             step_tokens += count
-            recent = [*recent[-49:], float(loss)]
+            recent = [*recent[-49:], float(loss.detach())]
             rate = step_tokens / max(time.perf_counter() - started, 1e-9)
             if progress is not None and rank == 0:
                 progress(step, total, sum(recent) / len(recent), rate)
