@@ -67,6 +67,16 @@ class Settings:
     promotion_metric: str = "auroc"
     promotion_max_task_drop: float = 0.02
     promotion_min_mean_gain: float = 0.0
+    # Nightly scoring: a score is `high` at or above its task's threshold (the F1-optimal one on validation) and
+    # `medium` at or above this fraction of it. Explanations (integrated gradients, the top events) for scores of
+    # this band and above (`high`, `medium`, `low`, or `none`). Drift: a task is flagged when the population
+    # stability index of its scores against the previous runs passes the threshold, a run when the share of
+    # unknown event tokens in its inputs does.
+    risk_medium_fraction: float = 0.5
+    explain_band: str = "high"
+    drift_psi_threshold: float = 0.2
+    drift_max_unknown_rate: float = 0.05
+    drift_history_runs: int = 7
 
     @property
     def embedded(self) -> bool:

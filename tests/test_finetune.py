@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from odyssey_batch.evaluation.calibration import Calibrator
 from odyssey_batch.ingest import ingest
 from odyssey_batch.model.classifier import EHRMambaForTasks
 from odyssey_batch.quality.gate import validate
@@ -137,11 +138,13 @@ def test_killed_finetuning_resumes_to_the_same_model_and_calibrates(pretrained):
     assert resumed.val_loss == pytest.approx(whole.val_loss, rel=1e-4)
     calibration = load_calibration(settings, best_checkpoint(settings, resumed.training_run_id))
     assert calibration["placement"] == "replace" and set(calibration["tasks"]) == {"mortality_30d", "readmission_30d"}
+    grid = np.linspace(0, 1, 101)
     for fitted in calibration["tasks"].values():
+        assert 0 <= fitted["threshold"] <= 1
         if fitted["calibrator"]:
-            ys = fitted["calibrator"]["y"]
-            assert bool(np.all(np.diff(ys) >= 0)) and 0 <= ys[0] <= ys[-1] <= 1
-            assert 0 <= fitted["threshold"] <= 1
+            calibrated = Calibrator.from_dict(fitted["calibrator"])(grid)
+            assert fitted["calibrator"]["method"] == "platt"  # the default
+            assert bool(np.all(np.diff(calibrated) >= 0)) and 0 <= calibrated.min() <= calibrated.max() <= 1
     with pytest.raises(ValueError, match="not a finetuning run"):
         finetune(url, settings, None, FinetuneOptions(), resume=parent)
 

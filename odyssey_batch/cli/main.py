@@ -808,6 +808,95 @@ def models_rollback(
         console.print(f"Model version [bold]{restored.model_version}[/] is the champion again.")
 
 
+# ---------------------------------------------------------------------------------------------- scoring
+def _parse_as_of(value: str, settings: Settings):
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r} is not an ISO date or time (2026-11-24, 2026-11-24T02:00)") from exc
+    if parsed.tzinfo is None:  # a date or a local time: in the hospital's time zone
+        parsed = parsed.replace(tzinfo=ZoneInfo(settings.default_timezone))
+    return parsed
+
+
+@app.command()
+def score(
+    as_of: Annotated[
+        str, typer.Option("--as-of", help="Scoring time: a date (midnight) or ISO time, in ODYSSEY_DEFAULT_TIMEZONE.")
+    ],
+    cohort: Annotated[
+        str, typer.Option(help="`triggers`: each task's eligible patients; `active`: everyone seen in --active-days.")
+    ] = "triggers",
+    active_days: Annotated[float, typer.Option(help="Look-back of the `active` cohort, in days.")] = 30.0,
+    partitions: Annotated[int, typer.Option(help="Hash partitions of the patients (scored one after another).")] = 1,
+    run_id: Annotated[
+        int | None, typer.Option(help="Score only --partition of this started run (Airflow's mapped tasks).")
+    ] = None,
+    partition: Annotated[int | None, typer.Option(help="With --run-id: the partition to score.")] = None,
+    commit: Annotated[
+        int | None, typer.Option(help="Commit this started run once all its partitions have succeeded.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Score every eligible patient for every task with the champion model, into `risk.*`, atomically.
+
+    Eligibility comes from the task registry (e.g. discharges of the last day for mortality_30d and
+    readmission_30d, stays that reached 24 hours for los_7d, discharges of the last 30 days for the condition
+    tasks); inputs are rebuilt as of the scoring time with the model's vocabulary and bins; each patient's history
+    is encoded once and every task costs one recurrent step. Scores above the configured band get their top
+    contributing events (integrated gradients). Analysts see the run only once all of it is written; scoring the
+    same date again replaces it in one transaction. Read it with
+    `SELECT * FROM risk.latest_score` or `risk.patient_risk` or `risk.high_risk_today`.
+    """
+    import torch
+
+    from odyssey_batch.scoring import run as scoring
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = _settings()
+    url = database_url(settings)
+    upgrade(url)
+    if threads:
+        torch.set_num_threads(threads)
+    when = _parse_as_of(as_of, settings)
+    options = scoring.ScoreOptions(cohort=cohort, active_days=active_days, partitions=partitions)
+    try:
+        if run_id is not None:
+            if partition is None:
+                raise ValueError("--run-id needs --partition")
+            with StageProgress(enabled=not json_output) as progress:
+                emit_json(scoring.score_partition(url, settings, run_id, partition, options, progress=progress.update))
+            return
+        if commit is not None:
+            result = scoring.commit_run(url, settings, commit)
+        else:
+            with StageProgress(enabled=not json_output) as progress:
+                result = scoring.score(url, settings, when, options, progress=progress.update)
+    except (LookupError, ValueError, RuntimeError) as exc:
+        err_console.print(f"[red]score failed:[/] {exc}")
+        raise typer.Exit(2) from exc
+    data = result.as_dict()
+    if json_output:
+        emit_json(data)
+        return
+    rows = []
+    for task, bands in data["scores_by_task"].items():
+        psi = (data["drift"]["tasks"].get(task) or {}).get("psi")
+        rows.append([task, sum(bands.values()), bands.get("high", 0), bands.get("medium", 0), bands.get("low", 0),
+                     "-" if psi is None else f"{psi:.3f}"])  # fmt: skip
+    title = f"Scoring run {data['run_id']} as of {data['as_of']} (model version {data['model_version']})"
+    console.print(table(title, ["task", "scores", "high", "medium", "low", "PSI"], rows))
+    console.print(f"{data['n_patients']:,} patients, {data['n_scores']:,} scores, {data['patients_per_s']:.1f} "
+                  f"patients/s; unknown-token rate {data['unknown_rate']:.2%}.")  # fmt: skip
+    if data["drift_flagged"]:
+        console.print("[yellow]Drift flagged:[/] " + "; ".join(data["drift"]["reasons"]))
+    console.print('Query it: psql "$(odyssey-batch db url)" -c "SELECT * FROM risk.high_risk_today"')
+
+
 def _print_synth_summary(data: dict[str, Any]) -> None:
     counts = [[t, n] for t, n in data["counts"].items()]
     console.print(table(f"Synthetic export: {data['out']}", ["resource type", "resources"], counts))

@@ -80,10 +80,9 @@ def task_points(timeline: Timeline, registry: Registry, data_end: float) -> list
     return points
 
 
-def _point(
-    task: Task, timeline: Timeline, stays: list[Stay], i: int, diagnosed: dict[str, float], data_end: float
-) -> LabelPoint | None:
-    stay, death = stays[i], timeline.death
+def trigger(task: Task, stay: Stay, death: float | None, data_end: float) -> tuple[float, str] | None:
+    """The task's prediction time for a stay and the index encounter, or None when the stay triggers nothing by
+    ``data_end`` (labels and nightly scoring share this rule)."""
     if task.trigger == "discharge":
         if stay.end is None or (death is not None and death <= stay.end):
             return None  # ongoing, or the patient died during the stay
@@ -93,8 +92,17 @@ def _point(
         length = (stay.end if stay.end is not None else data_end) - stay.start
         if length < task.min_stay_hours * HOUR:
             return None
-    if when > data_end:
+    return None if when > data_end else (when, index)
+
+
+def _point(
+    task: Task, timeline: Timeline, stays: list[Stay], i: int, diagnosed: dict[str, float], data_end: float
+) -> LabelPoint | None:
+    stay, death = stays[i], timeline.death
+    triggered = trigger(task, stay, death, data_end)
+    if triggered is None:
         return None
+    when, index = triggered
 
     if task.outcome == "stay_longer":
         window_end = stay.start + task.days * DAY

@@ -58,6 +58,7 @@ class Task:
     min_stay_hours: float = 0.0
     code_set: CodeSet | None = None
     exclude_death_before_outcome: bool = False
+    score_lookback_hours: float = 24.0  # nightly scoring: a trigger this recent makes a patient eligible
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Registry:
                     "min_stay_hours": t.min_stay_hours,
                     "code_set": t.code_set.name if t.code_set else None,
                     "exclude_death_before_outcome": t.exclude_death_before_outcome,
+                    "score_lookback_hours": t.score_lookback_hours,
                 }
                 for t in self.tasks
             ],
@@ -127,6 +129,9 @@ def parse_registry(data: dict[str, Any], source: str = "<memory>") -> Registry:
             raise ValueError(f"{source}: task {name}: outcome must be one of {', '.join(OUTCOMES)}")
         if not isinstance(raw.get("days"), int | float) or raw["days"] <= 0:
             raise ValueError(f"{source}: task {name}: days must be a positive number")
+        lookback = raw.get("score_lookback_hours", 24.0)
+        if not isinstance(lookback, int | float) or lookback <= 0:
+            raise ValueError(f"{source}: task {name}: score_lookback_hours must be a positive number")
         code_set = None
         if raw["outcome"] == "diagnosis":
             if raw.get("code_set") not in code_sets:

@@ -47,6 +47,18 @@ class EHRMambaForTasks(nn.Module):
         hidden = self.backbone(streams, mask)
         return self.head(hidden[torch.arange(len(lengths), device=lengths.device), lengths - 1])
 
+    def input_embeddings(self, streams: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The backbone's input embeddings (batch, L, d_model) of right-padded streams."""
+        return self.backbone._embed(streams)
+
+    def logits_from_embeddings(
+        self, embeddings: torch.Tensor, mask: torch.Tensor | None, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (batch,) from given input embeddings, read at each row's last real token: with the embeddings
+        of ``input_embeddings(streams)`` and the mask of ``lengths`` this is ``forward(streams, lengths)``."""
+        hidden, _ = self.backbone.encode_embeddings(embeddings, mask)
+        return self.head(hidden[torch.arange(len(lengths), device=lengths.device), lengths - 1])
+
     @torch.no_grad()
     def score_tasks(self, cache: InferenceCache, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of one task token per row of ``cache`` (a copy of the cache per task: ``cache.select``)."""

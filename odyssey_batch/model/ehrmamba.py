@@ -101,7 +101,15 @@ class EHRMamba(nn.Module):
         return last, InferenceCache([c for c, _ in states], [s for _, s in states], times)
 
     def _encode(self, streams, mask, lengths) -> tuple[torch.Tensor, list]:
-        residual = self._embed(streams).float()
+        return self.encode_embeddings(self._embed(streams), mask, lengths)
+
+    def encode_embeddings(
+        self, embeddings: torch.Tensor, mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list]:
+        """The blocks and final norm from given input embeddings (batch, L, d_model), as ``_embed`` makes them;
+        returns the final hidden states and, with ``lengths``, each layer's decoding state. Starting here lets
+        attribution methods (integrated gradients) differentiate with respect to the input embeddings."""
+        residual = embeddings.float()
         states = []
         for layer in self.layers:
             out, state = layer.mixer(layer.norm(residual), mask, lengths)

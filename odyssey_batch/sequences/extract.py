@@ -74,6 +74,13 @@ def read_patient(conn: psycopg2.extensions.connection, patient_id: str, *, displ
     return records[0]
 
 
+def read_patients(
+    conn: psycopg2.extensions.connection, ids: list[str], *, display: bool = False
+) -> list[PatientRecord]:
+    """The records of the given patients (any order; unknown ids are skipped)."""
+    return read_records(conn, "{p}patient_id = ANY(%(ids)s)", {"ids": list(ids)}, display)
+
+
 def read_records(conn: psycopg2.extensions.connection, where: str, params: dict, display: bool) -> list[PatientRecord]:
     queries = _queries(display)
     records: dict[str, PatientRecord] = {}

@@ -119,12 +119,17 @@ def prompt(streams: Streams, cut: int, token_id: int, when_days: float, max_leng
     if placement != "append":
         raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     history = window(streams, cut, max_length - 1)
+    task = task_token_streams(history, token_id, when_days)
+    return {name: np.concatenate([history[name], task[name]]) for name in STREAMS}
+
+
+def task_token_streams(history: Streams, token_id: int, when_days: float) -> Streams:
+    """The streams of one task token appended to ``history`` at the prediction time (arrays of length 1): the age
+    carried forward to that time, the last visit's order, no segment."""
     age = float(history["ages"][-1]) + (when_days - float(history["times"][-1])) / 365.25
     task = {"token_ids": token_id, "type_ids": int(TokenType.TASK), "ages": age, "times": when_days,
             "visit_orders": int(history["visit_orders"][-1]), "visit_segments": 0}  # fmt: skip
-    return {
-        name: np.concatenate([history[name], np.array([task[name]], dtype=STREAM_DTYPES[name])]) for name in STREAMS
-    }
+    return {name: np.array([task[name]], dtype=STREAM_DTYPES[name]) for name in STREAMS}
 
 
 def task_examples(dataset, split: str, tasks: list[str], max_length: int, placement: str = "append",
