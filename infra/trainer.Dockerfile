@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 #
 # odyssey-batch GPU trainer image: torch 2.13.0 (CUDA 13) + the mamba-ssm and causal-conv1d CUDA
-# kernels compiled from source for the GPU architectures in GPU_ARCHS, + odyssey-batch with its `gpu`
-# extra. Build from the repository root (docker compose does this for `trainer`, profile `gpu`):
+# kernels compiled from source for the GPU architectures in GPU_ARCHS, + odyssey-batch with its `airflow`
+# and `gpu` extras. Build from the repository root (docker compose does this for `trainer` and for
+# `airflow-worker-gpu`, the Celery worker of Airflow's `gpu` queue; both profile `gpu`):
 #
 #   docker build -f infra/trainer.Dockerfile -t odyssey-batch-trainer:local .
 #   docker build -f infra/trainer.Dockerfile --build-arg GPU_ARCHS=90,100 ...     # + Blackwell
@@ -208,15 +209,19 @@ ARG CAUSAL_CONV1D_VERSION
 # Recorded in the environment for odyssey-gpu-check's report.
 ARG GPU_ARCHS
 ARG ODYSSEY_UID=10001
+# As in infra/Dockerfile: the Celery provider, for airflow-worker-gpu (CeleryExecutor, queue `gpu`).
+ARG AIRFLOW_CELERY_PROVIDER="apache-airflow-providers-celery>=3.26,<4"
 
 COPY --from=kernels /wheels/ /opt/odyssey-wheels/
 RUN printf 'torch==%s\nmamba-ssm==%s\ncausal-conv1d==%s\n' \
         "${TORCH_VERSION}" "${MAMBA_SSM_VERSION}" "${CAUSAL_CONV1D_VERSION}" > /opt/odyssey-wheels/constraints.txt
 
-# The project with its `gpu` extra, in two steps like infra/Dockerfile: dependencies from pyproject.toml
-# alone (placeholder package), then the source. mamba-ssm and causal-conv1d come only from the wheels
-# built above (--only-binary + constraints: a newer sdist on the index is never compiled here). Their
-# other requirements (transformers, triton, tilelang, quack-kernels, ...) come from the index.
+# The project with its `airflow` and `gpu` extras (Airflow: this image also runs the Celery worker of the `gpu`
+# queue), in steps like infra/Dockerfile: dependencies from pyproject.toml alone (placeholder package), the
+# Celery provider, then the source. mamba-ssm and causal-conv1d come only from the wheels built above
+# (--only-binary + constraints: a newer sdist on the index is never compiled here). Their other requirements
+# (transformers, triton, tilelang, quack-kernels, ...) come from the index. Resolved together with
+# apache-airflow 3.3.x without conflicts (pip's resolver, checked without building).
 WORKDIR /src
 # README.md is the package long description (pyproject `readme`); the wildcard tolerates its absence.
 COPY pyproject.toml README.m[d] ./
@@ -224,17 +229,21 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     mkdir -p odyssey_batch \
  && touch odyssey_batch/__init__.py \
  && pip install --find-links /opt/odyssey-wheels --only-binary mamba-ssm,causal-conv1d \
-        --constraint /opt/odyssey-wheels/constraints.txt ".[gpu]" \
+        --constraint /opt/odyssey-wheels/constraints.txt ".[airflow,gpu]" \
  && rm -rf odyssey_batch build ./*.egg-info
+
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --constraint /opt/odyssey-wheels/constraints.txt "${AIRFLOW_CELERY_PROVIDER}"
 
 COPY sql/ ./sql/
 COPY odyssey_batch/ ./odyssey_batch/
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --find-links /opt/odyssey-wheels --only-binary mamba-ssm,causal-conv1d \
-        --constraint /opt/odyssey-wheels/constraints.txt ".[gpu]" \
+        --constraint /opt/odyssey-wheels/constraints.txt ".[airflow,gpu]" \
  && pip check \
  && python -c "import torch, selective_scan_cuda, causal_conv1d_cuda" \
- && odyssey-batch --version
+ && odyssey-batch --version \
+ && airflow version
 
 # GPU self-check, the container's default command: torch sees a GPU, and the compiled kernels run on it
 # and agree with mamba-ssm's / causal-conv1d's pure-PyTorch references.
@@ -290,13 +299,16 @@ EOF
 
 ENV PYTHONUNBUFFERED=1 \
     ODYSSEY_HOME=/var/lib/odyssey \
+    AIRFLOW_HOME=/opt/airflow \
     GX_ANALYTICS_ENABLED=false \
     GPU_ARCHS=${GPU_ARCHS}
 
+# /opt/airflow as in infra/Dockerfile (airflow-worker-gpu mounts dags/ and the logs volume there).
 RUN groupadd --system --gid "${ODYSSEY_UID}" odyssey \
  && useradd --system --uid "${ODYSSEY_UID}" --gid odyssey --home-dir /var/lib/odyssey \
             --shell /usr/sbin/nologin odyssey \
- && install -d -o odyssey -g odyssey -m 0750 /var/lib/odyssey
+ && install -d -o odyssey -g odyssey -m 0750 /var/lib/odyssey \
+ && install -d -o odyssey -g odyssey -m 0750 /opt/airflow /opt/airflow/dags /opt/airflow/logs
 
 # Numeric, so that platforms enforcing "run as non-root" can verify it.
 USER ${ODYSSEY_UID}:${ODYSSEY_UID}

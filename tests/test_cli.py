@@ -16,13 +16,13 @@ from tests.conftest import run_sql
 COMMANDS = ["db", "ingest", "runs", "quarantine", "synth", "demo"]
 
 
-def cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict[str, str], check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "odyssey_batch.cli.main", *args],
         env={**os.environ, "COLUMNS": "160", **env},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     if check:
         assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -90,7 +90,7 @@ def test_demo_on_the_embedded_server_and_db_url(tmp_path):
     """The README's first command: no configuration at all, an embedded server under ODYSSEY_HOME."""
     env = {"ODYSSEY_HOME": str(tmp_path / "demo-home"), "ODYSSEY_DATABASE_URL": ""}
     try:
-        demo = json.loads(cli("demo", "--json", env=env).stdout)
+        demo = json.loads(cli("demo", "--json", env=env, timeout=900).stdout)
         synth, ingested = demo["synth"], demo["ingest"]
         assert synth["patients"] == 300 and synth["resources"] == ingested["records"] > 10_000
         assert ingested["loaded"] == ingested["records"] and ingested["quarantined"] == 0
@@ -109,7 +109,7 @@ def test_demo_on_the_embedded_server_and_db_url(tmp_path):
         # The server keeps running between commands, so psql (here psycopg2) can use the printed URL.
         assert run_sql(url, "SELECT count(*) FROM ehr.encounter") == [(synth["counts"]["Encounter"],)]
         # Running the demo again regenerates the same export (same seed) and changes nothing.
-        again = json.loads(cli("demo", "--json", env=env).stdout)
+        again = json.loads(cli("demo", "--json", env=env, timeout=900).stdout)
         assert again["ingest"]["unchanged"] == ingested["records"] and again["ingest"]["loaded"] == 0
         assert again["evaluate"]["champion_version"] == first  # compared with the champion on the same points
         assert json.loads(cli("db", "status", "--json", env=env).stdout)["embedded_running"] is True

@@ -1096,6 +1096,11 @@ def demo(json_output: JsonOption = False) -> None:
     )
 
 
+from odyssey_batch.cli.forecast import register as register_forecast  # noqa: E402
+
+register_forecast(app)
+
+
 def main() -> None:
     try:
         app()

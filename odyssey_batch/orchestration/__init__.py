@@ -1,0 +1,1 @@
+"""Airflow-facing steps over the library (the DAGs in dags/ call these)."""

@@ -1,0 +1,192 @@
+"""What each Airflow task does, as plain functions over the library (the DAG files in ``dags/`` stay thin).
+
+Every step is idempotent for its inputs — ingest loads an export once (a re-run finds it unchanged), the gate
+validates only runs not yet validated, scoring replaces its as-of date — and returns a small JSON-serialisable
+dict for XCom. Steps never log patient identifiers or clinical values. Errors that a retry cannot fix (a
+rejected run, no champion) are ``PermanentError``s; the DAGs turn them into failures without retries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Any
+
+from odyssey_batch.settings import Settings, load_settings
+
+
+class PermanentError(RuntimeError):
+    """A failure no retry can fix: the DAG task fails at once, with this message."""
+
+
+def context() -> tuple[str, Settings]:
+    """The warehouse URL and settings: the Airflow connection ``odyssey_warehouse`` when one is defined
+    (``AIRFLOW_CONN_ODYSSEY_WAREHOUSE``), else the ODYSSEY_* settings."""
+    from odyssey_batch.warehouse import database_url, upgrade
+
+    settings = load_settings()
+    url = os.environ.get("AIRFLOW_CONN_ODYSSEY_WAREHOUSE", "").replace("postgres://", "postgresql://", 1)
+    url = url or database_url(settings)
+    upgrade(url)
+    return url, settings
+
+
+def _sources(url: str) -> set[str]:
+    from odyssey_batch.warehouse import connect
+
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT source FROM ops.ingest_run WHERE status IN ('succeeded', 'validated', 'rejected')")
+            return {r[0] for r in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def new_exports(landing: str) -> list[str]:
+    """The exports in the landing location not ingested yet: each top-level folder (or prefix) is one export, a
+    file directly in the landing location is one too. Sorted, so the oldest dated folder loads first."""
+    from odyssey_batch.storage import open_location
+
+    url, settings = context()
+    groups = sorted({f.name.split("/", 1)[0] for f in open_location(landing, settings).list_files()})
+    done = _sources(url)
+    base = landing.rstrip("/")
+    return [source for source in (f"{base}/{g}" for g in groups) if source not in done]
+
+
+def ingest_export(source: str) -> dict[str, Any]:
+    """Load one export; a run whose files are all refused raises (the task retries, then fails)."""
+    from odyssey_batch.ingest import ingest
+
+    url, settings = context()
+    data = ingest(source, settings, url=url).as_dict()
+    return {k: data.get(k) for k in ("source", "run_id", "status", "records", "loaded", "unchanged", "quarantined")}
+
+
+def quality_gate() -> dict[str, Any]:
+    """Validate every finished ingest run not validated yet; a rejected run is a ``PermanentError`` carrying the
+    gate's message (accept it with ``odyssey-batch accept-run``, or fix the export and load it again)."""
+    from odyssey_batch.quality.gate import validate
+    from odyssey_batch.warehouse import connect
+
+    url, settings = context()
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT run_id FROM ops.ingest_run WHERE status = 'succeeded' ORDER BY run_id")
+            pending = [r[0] for r in cur.fetchall()]
+    finally:
+        conn.close()
+    verdicts = [validate(url, settings, run, data_docs=False) for run in pending]
+    rejected = [v for v in verdicts if not v.success]
+    if rejected:
+        raise PermanentError("\n".join(v.message() for v in rejected))
+    return {"validated": [v.run_id for v in verdicts]}
+
+
+def build_dataset() -> dict[str, Any]:
+    """Tokenize the warehouse into a new dataset version with task labels (refuses rejected runs)."""
+    from odyssey_batch.quality.gate import RunRejected
+    from odyssey_batch.sequences.dataset import tokenize
+
+    url, settings = context()
+    try:
+        result = tokenize(url, settings)
+    except RunRejected as exc:
+        raise PermanentError(str(exc)) from exc
+    return {"dataset_version": result.dataset_version_id, "patients": result.patients, "tokens": result.tokens}
+
+
+def pretrain_model(preset: str, steps: int, epochs: float, max_length: int, seed: int) -> int:
+    """Pretrain on the latest dataset version; returns the training run."""
+    from odyssey_batch.training.pretrain import PretrainOptions, pretrain
+
+    url, settings = context()
+    options = PretrainOptions(preset=preset, steps=steps, epochs=epochs, max_length=max_length, seed=seed)
+    return pretrain(url, settings, None, options).training_run_id
+
+
+def latest_pretraining_run() -> int:
+    from odyssey_batch.warehouse import connect
+
+    url, _ = context()
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("""SELECT max(training_run_id) FROM ops.training_run
+                           WHERE kind = 'pretrain' AND status = 'succeeded'""")  # fmt: skip
+            run = cur.fetchone()[0]
+    finally:
+        conn.close()
+    if run is None:
+        raise PermanentError("no succeeded pretraining run to finetune: trigger retrain with mode=full")
+    return run
+
+
+def finetune_model(pretrained: int, epochs: int, max_length: int, seed: int) -> int:
+    """Multitask finetuning from ``pretrained``; registers and returns the candidate model version."""
+    from odyssey_batch.registry.bundle import register_run
+    from odyssey_batch.training.finetune import FinetuneOptions, finetune
+
+    url, settings = context()
+    result = finetune(url, settings, pretrained, FinetuneOptions(epochs=epochs, max_length=max_length, seed=seed))
+    return register_run(url, settings, result.training_run_id).model_version
+
+
+def evaluate_and_promote(version: int, seeds: int) -> dict[str, Any]:
+    """Evaluate the candidate beside the baselines and the champion, then apply the promotion rule."""
+    from odyssey_batch.evaluation.evaluate import EvaluateOptions, evaluate_model
+    from odyssey_batch.registry.promotion import promote
+
+    url, settings = context()
+    evaluation = evaluate_model(url, settings, version, EvaluateOptions(seeds=seeds))
+    decision = promote(url, version, settings.promotion_rule(), actor="airflow:retrain")
+    return {"model_version": version, "promoted": decision.promote, "reason": decision.reason,
+            "report": evaluation.report.get("report/report.html")}  # fmt: skip
+
+
+def start_scoring(as_of: str, partitions: int, cohort: str = "triggers") -> int:
+    """A new scoring run as of ``as_of`` (ISO time); a ``PermanentError`` when no champion exists."""
+    from odyssey_batch.scoring.run import ScoreOptions, start_run
+
+    url, settings = context()
+    try:
+        return start_run(url, settings, dt.datetime.fromisoformat(as_of),
+                         ScoreOptions(partitions=partitions, cohort=cohort))  # fmt: skip
+    except LookupError as exc:
+        raise PermanentError(str(exc)) from exc
+
+
+def score_partition(run_id: int, partition: int) -> dict[str, Any]:
+    from odyssey_batch.scoring.run import score_partition as score
+
+    url, settings = context()
+    return score(url, settings, run_id, partition)
+
+
+def commit_scoring(run_id: int) -> dict[str, Any]:
+    """Make the run visible (all partitions must have succeeded) and report drift."""
+    from odyssey_batch.scoring.run import commit_run
+
+    url, settings = context()
+    result = commit_run(url, settings, run_id)
+    return {"run_id": run_id, "n_patients": result.n_patients, "n_scores": result.n_scores,
+            "drift_flagged": result.drift_flagged, "drift_reasons": result.drift["reasons"]}  # fmt: skip
+
+
+def fail_scoring(run_id: int, reason: str) -> None:
+    from odyssey_batch.scoring.run import fail_run
+
+    url, _ = context()
+    fail_run(url, run_id, RuntimeError(reason))
+
+
+def call(step, *args: Any, **kwargs: Any) -> Any:
+    """Run a step inside an Airflow task: a ``PermanentError`` fails the task at once, without retries."""
+    try:
+        return step(*args, **kwargs)
+    except PermanentError as exc:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(str(exc)) from exc
