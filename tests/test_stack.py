@@ -60,6 +60,7 @@ DAGS_TARGET = "/opt/airflow/dags"
 NOT_SETTINGS = {
     "ODYSSEY_DATABASE_PASSWORD": "compose passes it to the containers as PGPASSWORD (libpq), never as a setting",
     "ODYSSEY_IMAGE": "the tag of the image compose builds from infra/Dockerfile",
+    "ODYSSEY_TRAINING_QUEUE": "read by dags/retrain.py (the Celery queue of its training tasks), not by the library",
 }
 # Variables docker compose itself reads from .env.
 COMPOSE_OWN_VARIABLES = {"COMPOSE_PROJECT_NAME", "COMPOSE_PROFILES"}
