@@ -1,6 +1,6 @@
 """nightly_scoring: score every eligible patient for every task with the champion, into ``risk.*``.
 
-Daily at 02:00 in the hospital's time zone (``ODYSSEY_SCORING_TIMEZONE``, else ``ODYSSEY_DEFAULT_TIMEZONE``), as
+Daily at 02:00 in the hospital's time zone (``AIRFLOW_VAR_ODYSSEY_TIMEZONE``, else ``ODYSSEY_DEFAULT_TIMEZONE``), as
 of the run's logical date (or the ``as_of`` param). The patients are split into ``ODYSSEY_SCORING_PARTITIONS``
 hash partitions scored by parallel mapped tasks; the run becomes visible to analysts only when every partition
 succeeded (one commit transaction; re-running a date replaces it); if a partition fails for good, the run is
@@ -17,7 +17,7 @@ import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
 SCORES = Asset("odyssey_scores")
-TIMEZONE = os.environ.get("ODYSSEY_SCORING_TIMEZONE") or os.environ.get("ODYSSEY_DEFAULT_TIMEZONE") or "UTC"
+TIMEZONE = os.environ.get("AIRFLOW_VAR_ODYSSEY_TIMEZONE") or os.environ.get("ODYSSEY_DEFAULT_TIMEZONE") or "UTC"
 PARTITIONS = int(os.environ.get("ODYSSEY_SCORING_PARTITIONS", "4"))
 DEFAULTS = {"retries": 2, "retry_delay": dt.timedelta(minutes=2), "retry_exponential_backoff": True}
 

@@ -35,6 +35,7 @@ CREATE TABLE risk.scoring_run (
     model_version    integer     NOT NULL REFERENCES ops.model_version (model_version),
     dataset_version  bigint      NOT NULL REFERENCES ops.dataset_version (dataset_version_id),
     cohort           text        NOT NULL,
+    active_days      double precision,        -- the look-back of the `active` cohort (NULL for `triggers`)
     partitions       integer     NOT NULL DEFAULT 1 CHECK (partitions >= 1),
     started_at       timestamptz NOT NULL DEFAULT now(),
     finished_at      timestamptz,

@@ -825,8 +825,9 @@ def _parse_as_of(value: str, settings: Settings):
 @app.command()
 def score(
     as_of: Annotated[
-        str, typer.Option("--as-of", help="Scoring time: a date (midnight) or ISO time, in ODYSSEY_DEFAULT_TIMEZONE.")
-    ],
+        str | None,
+        typer.Option("--as-of", help="Scoring time: a date (midnight) or ISO time, in ODYSSEY_DEFAULT_TIMEZONE."),
+    ] = None,
     cohort: Annotated[
         str, typer.Option(help="`triggers`: each task's eligible patients; `active`: everyone seen in --active-days.")
     ] = "triggers",
@@ -862,7 +863,6 @@ def score(
     upgrade(url)
     if threads:
         torch.set_num_threads(threads)
-    when = _parse_as_of(as_of, settings)
     options = scoring.ScoreOptions(cohort=cohort, active_days=active_days, partitions=partitions)
     try:
         if run_id is not None:
@@ -874,8 +874,11 @@ def score(
         if commit is not None:
             result = scoring.commit_run(url, settings, commit)
         else:
+            if as_of is None:
+                raise ValueError("give --as-of (or --run-id with --partition, or --commit)")
             with StageProgress(enabled=not json_output) as progress:
-                result = scoring.score(url, settings, when, options, progress=progress.update)
+                result = scoring.score(url, settings, _parse_as_of(as_of, settings), options,
+                                       progress=progress.update)  # fmt: skip
     except (LookupError, ValueError, RuntimeError) as exc:
         err_console.print(f"[red]score failed:[/] {exc}")
         raise typer.Exit(2) from exc

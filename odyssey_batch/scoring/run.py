@@ -107,20 +107,28 @@ def start_run(url: str, settings: Settings, as_of: dt.datetime, options: ScoreOp
                           " or `odyssey-batch models promote V`)")  # fmt: skip
     with transaction(url) as conn, conn.cursor() as cur:
         cur.execute(
-            """INSERT INTO risk.scoring_run (as_of, model_version, dataset_version, cohort, partitions)
-               VALUES (%s, %s, %s, %s, %s) RETURNING run_id""",
-            (as_of, champion.model_version, champion.dataset_version, options.cohort, options.partitions),
+            """INSERT INTO risk.scoring_run (as_of, model_version, dataset_version, cohort, active_days, partitions)
+               VALUES (%s, %s, %s, %s, %s, %s) RETURNING run_id""",
+            (
+                as_of,
+                champion.model_version,
+                champion.dataset_version,
+                options.cohort,
+                options.active_days if options.cohort == "active" else None,
+                options.partitions,
+            ),
         )
         return cur.fetchone()[0]
 
 
 def _run_row(cur, run_id: int) -> dict[str, Any]:
-    cur.execute("""SELECT as_of, model_version, dataset_version, cohort, partitions, status, started_at
+    cur.execute("""SELECT as_of, model_version, dataset_version, cohort, active_days, partitions, status, started_at
                    FROM risk.scoring_run WHERE run_id = %s""", (run_id,))  # fmt: skip
     row = cur.fetchone()
     if row is None:
         raise LookupError(f"scoring run {run_id} does not exist")
-    keys = ("as_of", "model_version", "dataset_version", "cohort", "partitions", "status", "started_at")
+    keys = ("as_of", "model_version", "dataset_version", "cohort", "active_days", "partitions", "status",
+            "started_at")  # fmt: skip
     return {"run_id": run_id, **dict(zip(keys, row, strict=True))}
 
 
@@ -212,7 +220,7 @@ def _score(conn, settings: Settings, loaded: LoadedModel, run: dict, partition: 
     as_of_s = _as_of_seconds(as_of)
     chosen = [t for t in registry.tasks if t.name in loaded.tasks]
     if run["cohort"] == "active":
-        hours = options.active_days * 24
+        hours = run["active_days"] * 24
     else:
         hours = max(t.score_lookback_hours + t.offset_hours for t in chosen) + registry.transfer_gap_hours
     explain_from = BANDS.index(settings.explain_band) if settings.explain_band in BANDS else None
@@ -230,7 +238,7 @@ def _score(conn, settings: Settings, loaded: LoadedModel, run: dict, partition: 
             for record in read_patients(conn, chunk, display=explain_from is not None):
                 timeline = build_timeline(record_as_of(record, as_of_s), as_of_s)
                 points = eligible(timeline, registry, loaded.tasks, as_of_s, cohort=run["cohort"],
-                                  active_days=options.active_days)  # fmt: skip
+                                  active_days=run["active_days"] or 0.0)  # fmt: skip
                 if not points:
                     continue
                 sequence = to_sequence(timeline, loaded.bins, with_events=explain_from is not None)
