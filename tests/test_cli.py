@@ -104,6 +104,12 @@ def test_demo_on_the_embedded_server_and_db_url(tmp_path):
         methods = {(r["task"], r["method"]) for r in demo["evaluate"]["table"]}
         assert {m for t, m in methods if t == "mortality_30d"} == {"model", "logreg", "gbt", "oracle"}
         assert len({t for t, _ in methods}) == 6 and demo["evaluate"]["report"]["report/report.html"]
+        assert demo["score"]["status"] == "succeeded" and demo["score"]["n_patients"] > 0
+        latest = run_sql(demo["warehouse"]["url"], "SELECT count(*), count(DISTINCT patient_id) FROM risk.latest_score")
+        assert latest == [(demo["score"]["n_scores"], demo["score"]["n_patients"])]
+        top = demo["top_risk"]["mortality_30d"]
+        assert 0 < len(top) <= 10 and [r["probability"] for r in top] == sorted((r["probability"] for r in top),
+                                                                               reverse=True)  # fmt: skip
         url = cli("db", "url", env=env).stdout.strip()
         assert url == demo["warehouse"]["url"] and "host=" in url
         # The server keeps running between commands, so psql (here psycopg2) can use the printed URL.

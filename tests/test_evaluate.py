@@ -129,6 +129,25 @@ def test_promotion_by_the_rule_against_the_champion_on_the_same_points_and_rollb
     assert versions.champion(url).model_version == first and versions.get(url, second).status == "retired"
 
 
+def test_multi_seed_evaluation_reports_mean_and_spread(trained):
+    url, settings, version = trained["url"], trained["settings"], trained["version"]
+    before = run_sql(url, "SELECT count(*) FROM ops.training_run WHERE kind = 'finetune'")[0][0]
+    evaluate_model(url, settings, version, EvaluateOptions(baselines=(), single_task=False, compare_champion=False,
+                                                           seeds=2, resamples=10))  # fmt: skip
+    # one more finetuning run with the same options and another seed was trained for the estimate
+    runs = run_sql(url, """SELECT options->'options'->>'seed' FROM ops.training_run
+                           WHERE kind = 'finetune' ORDER BY training_run_id""")  # fmt: skip
+    assert len(runs) == before + 1 and runs[-1] == ("1",)
+    rows = pd.DataFrame(versions.evaluations(url, version)).query("method == 'model'")
+    assert (rows.seeds == 2).all()
+    auroc = rows[rows.metric == "auroc"].dropna(subset=["value"])
+    assert len(auroc) and auroc["std"].notna().all() and (auroc["std"] >= 0).all()
+    again = before + 1  # a second request reuses the sibling instead of training another
+    evaluate_model(url, settings, version, EvaluateOptions(baselines=(), single_task=False, compare_champion=False,
+                                                           seeds=2, resamples=10))  # fmt: skip
+    assert run_sql(url, "SELECT count(*) FROM ops.training_run WHERE kind = 'finetune'")[0][0] == again
+
+
 def test_commands_and_a_corrupt_artifact_is_refused(trained):
     url, settings = trained["url"], trained["settings"]
     env = {**os.environ, "ODYSSEY_DATABASE_URL": url, "ODYSSEY_HOME": str(settings.home), "COLUMNS": "160"}

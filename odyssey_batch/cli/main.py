@@ -6,6 +6,7 @@ on stderr. Configuration comes from ``ODYSSEY_*`` environment variables or ``$OD
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
 from importlib import resources
@@ -969,6 +970,7 @@ DEMO_PATIENTS = 300
 DEMO_SEED = 42
 DEMO_TRAIN_STEPS = 100
 DEMO_FINETUNE_EPOCHS = 3
+DEMO_TOP = 10
 
 
 @app.command()
@@ -979,7 +981,8 @@ def demo(json_output: JsonOption = False) -> None:
     Today: start the server, migrate the schema, generate a synthetic export of 300 patients (seed 42), ingest
     it, validate it with the data-quality gate, tokenize it into a dataset with task labels, pretrain a tiny
     EHRMamba on it, finetune it on every task, evaluate it against the baselines and the export's true risk
-    (HTML report with plots), and promote it to champion.
+    (HTML report with plots), promote it to champion, score every recent patient on every task, and show the ten
+    highest risks per task with their top contributing events.
     """
     import shutil
 
@@ -1082,21 +1085,66 @@ def demo(json_output: JsonOption = False) -> None:
     decision = promote(url, version, settings.promotion_rule(), actor="demo")
     steps["evaluate"] = evaluation.as_dict()
     steps["promotion"] = {"promoted": decision.promote, "reason": decision.reason}
+    if not json_output:
+        _print_evaluation(steps["evaluate"])
+        console.print(f"Promotion: {decision.reason}" + (" → champion." if decision.promote else ""))
+        console.rule("[bold]8. Nightly scoring with the champion")
+    from odyssey_batch.scoring.run import ScoreOptions
+    from odyssey_batch.scoring.run import score as run_scoring
+
+    # every patient seen in the 30 days before the export's end, as of that end (the export's "tonight")
+    as_of = dt.datetime.fromisoformat(tokens.data_end)
+    with StageProgress(enabled=not json_output) as progress:
+        scored = run_scoring(url, settings, as_of, ScoreOptions(cohort="active"), progress=progress.update)
+    steps["score"] = scored.as_dict()
+    steps["top_risk"] = _top_risk(url, DEMO_TOP)
     if json_output:
         emit_json(steps)
         return
-    _print_evaluation(steps["evaluate"])
-    console.print(f"Promotion: {decision.reason}" + (" → champion." if decision.promote else ""))
+    console.print(f"Scoring run {scored.run_id} as of {scored.as_of}: {scored.n_patients} patients, "
+                  f"{scored.n_scores} scores ({scored.patients_per_s:.1f} patients/s).")  # fmt: skip
+    for task, rows in steps["top_risk"].items():
+        lines = [[r["patient_id"][:13], f"{r['probability']:.3f}", r["risk_band"], "; ".join(r["top_events"]) or "-"]
+                 for r in rows]  # fmt: skip
+        console.print(table(f"Highest risk: {task}", ["patient", "risk", "band", "top contributing events"], lines))
     console.print(
         "\nThe tiny preset trains in seconds and is far from the oracle; for a real model: "
         "`odyssey-batch train pretrain --preset small`, then `train finetune` and `evaluate`.\n"
         "\nExplore it with SQL:\n"
-        f'  psql "{url}" -c "SELECT class_code, count(*) FROM ehr.encounter GROUP BY 1"\n'
-        f'  psql "{url}" -c "SELECT task, count(*), avg(label::int) FROM ehr.task_label GROUP BY 1"\n'
+        f'  psql "{url}" -c "SELECT * FROM risk.latest_score ORDER BY probability DESC LIMIT 20"\n'
+        f'  psql "{url}" -c "SELECT * FROM risk.patient_risk LIMIT 20"\n'
         f'  psql "{url}" -c "SELECT task, method, value FROM ops.model_evaluation WHERE metric = \'auroc\'"\n'
         "See one patient's tokens: odyssey-batch show-patient <patient_id>; the models: odyssey-batch models list.\n"
         "Stop the server with `odyssey-batch db stop`."
     )
+
+
+def _top_risk(url: str, n: int) -> dict[str, list[dict[str, Any]]]:
+    """The n highest latest scores per task, each with its top contributing events (when explained)."""
+    from odyssey_batch.warehouse import connect
+
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                """SELECT s.task, s.patient_id, s.probability, s.risk_band,
+                          coalesce(array_agg(coalesce(e.display, e.token) ORDER BY e.rank)
+                                   FILTER (WHERE e.rank <= 3), '{}')
+                   FROM (SELECT *, row_number() OVER (PARTITION BY task ORDER BY probability DESC, patient_id) AS n
+                         FROM risk.latest_score) s
+                   LEFT JOIN risk.latest_explanation e USING (patient_id, task)
+                   WHERE s.n <= %s
+                   GROUP BY s.task, s.patient_id, s.probability, s.risk_band
+                   ORDER BY s.task, s.probability DESC, s.patient_id""",
+                (n,),
+            )
+            out: dict[str, list[dict[str, Any]]] = {}
+            for task, patient, probability, band, events in cur.fetchall():
+                out.setdefault(task, []).append({"patient_id": patient, "probability": probability,
+                                                 "risk_band": band, "top_events": list(events)})  # fmt: skip
+            return out
+    finally:
+        conn.close()
 
 
 from odyssey_batch.cli.forecast import register as register_forecast  # noqa: E402

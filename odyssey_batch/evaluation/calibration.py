@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 EPS = 1e-6
 
@@ -46,7 +47,7 @@ class Calibrator:
         scores = np.asarray(scores, dtype=float)
         if self.method == "isotonic":
             return np.interp(scores, self.x, self.y)
-        return 1.0 / (1.0 + np.exp(-(self.a * _logit(scores) + self.b)))
+        return expit(self.a * _logit(scores) + self.b)
 
     def as_dict(self) -> dict:
         return {"method": self.method, "x": list(self.x), "y": list(self.y), "a": self.a, "b": self.b}
