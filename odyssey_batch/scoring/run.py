@@ -289,8 +289,12 @@ def _explain(loaded: LoadedModel, run: dict, partition: int, patient_id: str, ta
     for rank, (position, attribution) in enumerate(top_events(prompt, attributions, options.explain_top_k), 1):
         index = position - prefix + start
         event = sequence.events[index] if sequence.events is not None else None
-        rows.append((run["run_id"], partition, patient_id, task, rank, sequence.tokens[index],
-                     event.display if event is not None else None,
+        token = sequence.tokens[index]
+        display = event.display if event is not None else None
+        if display and token.startswith("lab:") and ":q" in token:  # say which bin: "Sodium … (very low)"
+            code, bin_index = token[len("lab:") :].rsplit(":q", 1)
+            display = f"{display} ({loaded.bins.describe(code, int(bin_index))})"
+        rows.append((run["run_id"], partition, patient_id, task, rank, token, display,
                      event.time if event is not None else None, float(attribution)))  # fmt: skip
     return rows
 
