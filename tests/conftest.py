@@ -68,6 +68,35 @@ def fresh_database(pg_admin_url: str, template_db: str) -> Iterator[str]:
         drop_database(pg_admin_url, name)
 
 
+@contextmanager
+def pretrained_warehouse(pg_admin_url: str, template_db: str, home: Path, patients: int, seed: int,
+                         pretrain_options, **settings: object) -> Iterator[tuple[str, Settings, int]]:  # fmt: skip
+    """A synthetic export of ``patients`` (seed ``seed``) loaded into a fresh database, passed by the gate,
+    tokenized (every code in the vocabulary) and pretrained with ``pretrain_options`` on one torch thread:
+    yields the URL, the settings and the pretraining run."""
+    import torch
+
+    from odyssey_batch.ingest import ingest
+    from odyssey_batch.quality.gate import validate
+    from odyssey_batch.sequences.dataset import TokenizeOptions, tokenize
+    from odyssey_batch.synth import generate
+    from odyssey_batch.training.pretrain import pretrain
+
+    chosen = Settings(home=home, ingest_workers=1, **settings)  # type: ignore[arg-type]
+    generate(home / "export", patients, seed)
+    with fresh_database(pg_admin_url, template_db) as url:
+        run = ingest(str(home / "export"), chosen, url=url).run_id
+        assert validate(url, chosen, run, data_docs=False).success
+        tokenize(url, chosen, TokenizeOptions(min_count=1))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            parent = pretrain(url, chosen, None, pretrain_options).training_run_id
+        finally:
+            torch.set_num_threads(threads)
+        yield url, chosen, parent
+
+
 @pytest.fixture
 def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated warehouse database for one test."""

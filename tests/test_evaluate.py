@@ -12,20 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from odyssey_batch.evaluation.evaluate import EvaluateOptions, evaluate_model
 from odyssey_batch.evaluation.metrics import auroc
-from odyssey_batch.ingest import ingest
-from odyssey_batch.quality.gate import validate
 from odyssey_batch.registry import CorruptArtifactError, PromotionRule, promote, rollback, versions
 from odyssey_batch.registry.bundle import BUNDLE_FILES, load_model, register_run
-from odyssey_batch.sequences.dataset import TokenizeOptions, tokenize
-from odyssey_batch.settings import Settings
-from odyssey_batch.synth import generate
 from odyssey_batch.training.finetune import FinetuneOptions, finetune
-from odyssey_batch.training.pretrain import PretrainOptions, pretrain
-from tests.conftest import fresh_database, run_sql
+from odyssey_batch.training.pretrain import PretrainOptions
+from tests.conftest import pretrained_warehouse, run_sql
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = {"max_length": 64, "batch_size": 32, "lr": 1e-3}
@@ -35,14 +29,8 @@ FAST = {"max_length": 64, "batch_size": 32, "lr": 1e-3}
 def trained(pg_admin_url, template_db, tmp_path_factory):
     """A synthetic warehouse with a pretrained tiny model, a multitask model (v1) and a single-task ablation."""
     home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, ingest_workers=1)
-    generate(home / "export", 150, 8)
-    with fresh_database(pg_admin_url, template_db) as url:
-        run = ingest(str(home / "export"), settings, url=url).run_id
-        assert validate(url, settings, run, data_docs=False).success
-        tokenize(url, settings, TokenizeOptions(min_count=1))
-        torch.set_num_threads(1)
-        parent = pretrain(url, settings, None, PretrainOptions(preset="tiny", max_length=64, steps=4)).training_run_id
+    options = PretrainOptions(preset="tiny", max_length=64, steps=4)
+    with pretrained_warehouse(pg_admin_url, template_db, home, 150, 8, options) as (url, settings, parent):
         multitask = finetune(url, settings, parent, FinetuneOptions(epochs=2, **FAST))
         single = finetune(url, settings, parent, FinetuneOptions(epochs=1, tasks=("mortality_30d",), **FAST))
         version = register_run(url, settings, multitask.training_run_id)

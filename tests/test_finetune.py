@@ -8,14 +8,9 @@ import pytest
 import torch
 
 from odyssey_batch.evaluation.calibration import Calibrator
-from odyssey_batch.ingest import ingest
 from odyssey_batch.model.classifier import EHRMambaForTasks
-from odyssey_batch.quality.gate import validate
-from odyssey_batch.sequences.dataset import TokenizeOptions, tokenize
 from odyssey_batch.sequences.grammar import TokenType, task_token
 from odyssey_batch.sequences.store import open_dataset
-from odyssey_batch.settings import Settings
-from odyssey_batch.synth import generate
 from odyssey_batch.training.checkpoint import latest_checkpoint, load_checkpoint
 from odyssey_batch.training.data import collate
 from odyssey_batch.training.finetune import (
@@ -26,8 +21,8 @@ from odyssey_batch.training.finetune import (
     load_calibration,
     task_examples,
 )
-from odyssey_batch.training.pretrain import PretrainOptions, pretrain
-from tests.conftest import fresh_database, run_sql
+from odyssey_batch.training.pretrain import PretrainOptions
+from tests.conftest import pretrained_warehouse, run_sql
 
 TASKS = ["mortality_30d", "los_7d", "readmission_30d", "hypertension_1y", "fluid_electrolyte_1y",
          "lipid_disorder_1y"]  # fmt: skip
@@ -38,16 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def pretrained(pg_admin_url, template_db, tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, ingest_workers=1)
-    generate(home / "export", 80, 21)
-    with fresh_database(pg_admin_url, template_db) as url:
-        run = ingest(str(home / "export"), settings, url=url).run_id
-        assert validate(url, settings, run, data_docs=False).success
-        tokenize(url, settings, TokenizeOptions(min_count=1))
-        torch.set_num_threads(1)
-        result = pretrain(url, settings, None, PretrainOptions(preset="tiny", max_length=64, steps=4))
-        yield url, settings, result.training_run_id
+    options = PretrainOptions(preset="tiny", max_length=64, steps=4)
+    with pretrained_warehouse(pg_admin_url, template_db, tmp_path_factory.mktemp("home"), 80, 21, options) as built:
+        yield built
 
 
 def test_prompts_end_with_the_task_token_at_the_prediction_time(pretrained):

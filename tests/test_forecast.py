@@ -36,17 +36,12 @@ from odyssey_batch.forecast.generate import (
 )
 from odyssey_batch.forecast.render import concept_meaning, generated_rows, interval_meaning, token_meaning
 from odyssey_batch.forecast.runs import load_pretrained
-from odyssey_batch.ingest import ingest
-from odyssey_batch.quality.gate import validate
-from odyssey_batch.sequences.dataset import TokenizeOptions, tokenize
 from odyssey_batch.sequences.grammar import TokenType
 from odyssey_batch.sequences.tokens import window
 from odyssey_batch.sequences.vocab import Vocabulary
-from odyssey_batch.settings import Settings
-from odyssey_batch.synth import generate as synthesize
 from odyssey_batch.training.data import collate, load_sequences
-from odyssey_batch.training.pretrain import PretrainOptions, pretrain
-from tests.conftest import fresh_database, run_sql
+from odyssey_batch.training.pretrain import PretrainOptions
+from tests.conftest import pretrained_warehouse, run_sql
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MAX_LENGTH = 64
@@ -55,19 +50,9 @@ MAX_LENGTH = 64
 @pytest.fixture(scope="module")
 def warehouse(pg_admin_url, template_db, tmp_path_factory):
     """100 synthetic patients, tokenized, and a tiny model pretrained for a few steps."""
-    home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, ingest_workers=1)
-    synthesize(home / "export", 100, 21)
-    with fresh_database(pg_admin_url, template_db) as url:
-        run = ingest(str(home / "export"), settings, url=url).run_id
-        assert validate(url, settings, run, data_docs=False).success
-        tokenize(url, settings, TokenizeOptions(min_count=1))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        options = PretrainOptions(preset="tiny", max_length=MAX_LENGTH, batch_size=16, steps=12, lr=3e-3)
-        result = pretrain(url, settings, None, options)
-        torch.set_num_threads(threads)
-        yield url, settings, result.training_run_id
+    options = PretrainOptions(preset="tiny", max_length=MAX_LENGTH, batch_size=16, steps=12, lr=3e-3)
+    with pretrained_warehouse(pg_admin_url, template_db, tmp_path_factory.mktemp("home"), 100, 21, options) as built:
+        yield built
 
 
 @pytest.fixture(scope="module")

@@ -12,26 +12,21 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from odyssey_batch.ingest import ingest
 from odyssey_batch.labels.tasks import load_registry
-from odyssey_batch.quality.gate import validate
 from odyssey_batch.registry import promote
 from odyssey_batch.registry.bundle import load_model, register_run
 from odyssey_batch.scoring import run as scoring
 from odyssey_batch.scoring.cohorts import eligible, record_as_of
 from odyssey_batch.scoring.scorer import Request, one_pass, separate_passes
-from odyssey_batch.sequences.dataset import TokenizeOptions, tokenize
 from odyssey_batch.sequences.grammar import TokenType, task_token
 from odyssey_batch.sequences.timeline import DAY, Encounter, Event, PatientRecord, build_timeline
 from odyssey_batch.sequences.tokens import window
 from odyssey_batch.settings import Settings
-from odyssey_batch.synth import generate
 from odyssey_batch.training.data import load_sequences
 from odyssey_batch.training.finetune import FinetuneOptions, finetune
-from odyssey_batch.training.pretrain import PretrainOptions, pretrain
-from tests.conftest import fresh_database, run_sql
+from odyssey_batch.training.pretrain import PretrainOptions
+from tests.conftest import pretrained_warehouse, run_sql
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HOUR = 3600.0
@@ -86,14 +81,12 @@ def test_eligibility_per_task_on_hand_built_timelines():
 def champion(pg_admin_url, template_db, tmp_path_factory):
     """A synthetic warehouse with a promoted tiny model."""
     home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, ingest_workers=1, explain_band="low")  # explain every score
-    generate(home / "export", 150, 11)
-    with fresh_database(pg_admin_url, template_db) as url:
-        run = ingest(str(home / "export"), settings, url=url).run_id
-        assert validate(url, settings, run, data_docs=False).success
-        tokenize(url, settings, TokenizeOptions(min_count=1))
-        torch.set_num_threads(1)
-        parent = pretrain(url, settings, None, PretrainOptions(preset="tiny", max_length=128, steps=6)).training_run_id
+    options = PretrainOptions(preset="tiny", max_length=128, steps=6)
+    with pretrained_warehouse(pg_admin_url, template_db, home, 150, 11, options, explain_band="low") as (
+        url,
+        settings,
+        parent,
+    ):  # explain every score; fmt: skip
         tuned = finetune(url, settings, parent, FinetuneOptions(max_length=128, batch_size=32, epochs=1, lr=3e-3))
         version = register_run(url, settings, tuned.training_run_id).model_version
         run_sql(url, """INSERT INTO ops.model_evaluation (model_version, task, split, method, metric, value)

@@ -30,18 +30,13 @@ from odyssey_batch.sequences.grammar import (
 )
 from odyssey_batch.sequences.labs import LabBins
 from odyssey_batch.sequences.timeline import DAY
+from odyssey_batch.sequences.view import KIND_NAMES
 from odyssey_batch.sequences.vocab import concept_kind
 
 if TYPE_CHECKING:
     from odyssey_batch.sequences.store import Dataset
 
 Streams = dict[str, np.ndarray]
-KIND_NAMES = {
-    TokenType.CONDITION: "diagnosis",
-    TokenType.PROCEDURE: "procedure",
-    TokenType.MEDICATION: "medication",
-    TokenType.LAB: "result",
-}
 _LAB_BIN = re.compile(r"^lab:(.+):q(\d+)$")
 
 
@@ -165,19 +160,10 @@ def patient_history(url: str, dataset: Dataset, patient_id: str) -> PatientHisto
     """The patient's sequence rebuilt from the warehouse with ``dataset``'s vocabulary and lab bins (as
     ``sequences.view.patient_view`` and tokenization build it), with each token's meaning."""
     from odyssey_batch.sequences.dataset import encode
-    from odyssey_batch.sequences.extract import read_patient
-    from odyssey_batch.sequences.timeline import build_timeline
-    from odyssey_batch.sequences.tokens import to_sequence
-    from odyssey_batch.warehouse import connect
+    from odyssey_batch.sequences.view import patient_sequence
 
-    conn = connect(url)
-    try:
-        record = read_patient(conn, patient_id, display=True)
-    finally:
-        conn.close()
-    data_end = dt.datetime.fromisoformat(dataset.manifest["data_end"]).timestamp()
+    _, sequence = patient_sequence(url, dataset, patient_id)
     bins, vocabulary = dataset.bins, dataset.vocabulary
-    sequence = to_sequence(build_timeline(record, data_end), bins, with_events=True)
     streams = encode(sequence, vocabulary)
     displays: dict[str, str] = {}
     meanings = []

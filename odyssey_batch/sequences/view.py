@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from odyssey_batch.sequences.extract import read_patient
 from odyssey_batch.sequences.grammar import TokenType
 from odyssey_batch.sequences.store import Dataset
-from odyssey_batch.sequences.timeline import DAY, build_timeline
-from odyssey_batch.sequences.tokens import to_sequence
+from odyssey_batch.sequences.timeline import DAY, Timeline, build_timeline
+from odyssey_batch.sequences.tokens import TokenSequence, to_sequence
 from odyssey_batch.warehouse import connect
 
 KIND_NAMES = {TokenType.CONDITION: "diagnosis", TokenType.PROCEDURE: "procedure",
@@ -27,8 +27,9 @@ class TokenRow:
     meaning: str
 
 
-def patient_view(url: str, dataset: Dataset, patient_id: str) -> tuple[list[TokenRow], dict]:
-    """The patient's tokens under ``dataset``'s vocabulary and bins, each with what it means."""
+def patient_sequence(url: str, dataset: Dataset, patient_id: str) -> tuple[Timeline, TokenSequence]:
+    """One patient's timeline and tokens rebuilt from the warehouse as tokenization builds them, with
+    ``dataset``'s data end and lab bins, each token keeping the event behind it (display text included)."""
     conn = connect(url)
     try:
         record = read_patient(conn, patient_id, display=True)
@@ -36,8 +37,13 @@ def patient_view(url: str, dataset: Dataset, patient_id: str) -> tuple[list[Toke
         conn.close()
     data_end = dt.datetime.fromisoformat(dataset.manifest["data_end"]).timestamp()
     timeline = build_timeline(record, data_end)
+    return timeline, to_sequence(timeline, dataset.bins, with_events=True)
+
+
+def patient_view(url: str, dataset: Dataset, patient_id: str) -> tuple[list[TokenRow], dict]:
+    """The patient's tokens under ``dataset``'s vocabulary and bins, each with what it means."""
+    timeline, sequence = patient_sequence(url, dataset, patient_id)
     bins, vocab = dataset.bins, dataset.vocabulary
-    sequence = to_sequence(timeline, bins, with_events=True)
     rows = []
     classes = {e.encounter_id: e.class_code for e in timeline.encounters}
     visit_classes = {
