@@ -34,6 +34,7 @@ import numpy as np
 from odyssey_batch.evaluation.baselines import BASELINES, code_count_features, fit_baseline
 from odyssey_batch.evaluation.metrics import METRICS, Estimate, best_f1_threshold, evaluate_task
 from odyssey_batch.evaluation.report import MethodResult, summary_table, write_report
+from odyssey_batch.model import default_device
 from odyssey_batch.registry import versions
 from odyssey_batch.registry.bundle import LoadedModel, load_model
 from odyssey_batch.sequences.store import Dataset, open_dataset
@@ -155,9 +156,8 @@ def _run_probabilities(settings: Settings, run_id: int, examples: list[Example],
     prefix = best_checkpoint(settings, run_id)
     model, _, _ = load_checkpoint(settings, prefix, trainer=False)
     calibration = load_calibration(settings, prefix)["tasks"]
-    import torch
-
-    raw = _sigmoid(predict_logits(model, examples, batch_size, torch.device("cpu")))
+    device = default_device()
+    raw = _sigmoid(predict_logits(model.to(device), examples, batch_size, device))
     return calibrate(calibration, [e.task for e in examples], raw), calibration
 
 
@@ -258,7 +258,7 @@ def evaluate_model(url: str, settings: Settings, version: int, options: Evaluate
              f"{dataset.version}: {len(test)} prediction points."]  # fmt: skip
 
     say("scoring with the model")
-    p_model = loaded.probabilities(test, batch_size=options.batch_size)
+    p_model = loaded.probabilities(test, batch_size=options.batch_size, device=default_device())
     thresholds = {t: loaded.threshold(t) for t in loaded.tasks}
     std: dict[str, dict[str, float]] = {}
     seeds_used = 1
@@ -337,7 +337,7 @@ def evaluate_model(url: str, settings: Settings, version: int, options: Evaluate
         rival = load_model(url, settings, current.model_version)
         shared = [t for t in loaded.tasks if t in rival.tasks]
         points = _examples_for(dataset, "test", shared, rival.max_length, rival.placement, cache)
-        p = rival.probabilities(_remap(points, dataset, rival), batch_size=options.batch_size)
+        p = rival.probabilities(_remap(points, dataset, rival), batch_size=options.batch_size, device=default_device())
         rival_thresholds = {t: rival.threshold(t) for t in shared}
         for task, r in _by_task(points, p, "champion", rival_thresholds, resamples=options.resamples).items():
             results[task].append(r)

@@ -27,6 +27,7 @@ import numpy as np
 from psycopg2.extras import Json, execute_values
 
 from odyssey_batch.labels.tasks import load_registry
+from odyssey_batch.model import default_device
 from odyssey_batch.registry import versions
 from odyssey_batch.registry.bundle import LoadedModel, load_model
 from odyssey_batch.scoring.cohorts import COHORTS, eligible, record_as_of
@@ -225,6 +226,8 @@ def _score(conn, settings: Settings, loaded: LoadedModel, run: dict, partition: 
         hours = max(t.score_lookback_hours + t.offset_hours for t in chosen) + registry.transfer_gap_hours
     explain_from = BANDS.index(settings.explain_band) if settings.explain_band in BANDS else None
     token_ids = {t: loaded.vocabulary.id(task_token(t)) for t in loaded.tasks}
+    device = default_device()
+    loaded.model.to(device)
     scored = _Scored()
     conn.set_session(readonly=True)
     try:
@@ -254,7 +257,7 @@ def _score(conn, settings: Settings, loaded: LoadedModel, run: dict, partition: 
                     cut = sequence.known_at(when)
                     requests.append(Request(window(streams, cut, loaded.max_length - 1), when / DAY, tasks))
                     owners.append((record.patient_id, sequence, streams["token_ids"], cut))
-            logits = one_pass(loaded.model, requests, token_ids, batch_size=options.batch_size)
+            logits = one_pass(loaded.model, requests, token_ids, batch_size=options.batch_size, device=device)
             for request, (patient_id, sequence, ids, cut), values in zip(requests, owners, logits, strict=True):
                 raw = 1.0 / (1.0 + np.exp(-values))
                 probabilities = calibrate(loaded.calibration, request.tasks, raw)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from odyssey_batch.evaluation.calibration import Calibrator
 from odyssey_batch.evaluation.metrics import best_f1_threshold
+from odyssey_batch.model import default_device
 from odyssey_batch.model.classifier import EHRMambaForTasks
 from odyssey_batch.model.ssm import backend_name
 from odyssey_batch.sequences.grammar import TokenType, task_token
@@ -316,7 +317,7 @@ def finetune(
         for split, examples in (("train", train), ("validation", validation))
     }
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     torch.manual_seed(options.seed)
     if state is None:
         model = EHRMambaForTasks(backbone)
