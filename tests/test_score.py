@@ -152,6 +152,10 @@ def test_scoring_runs_are_atomic_partitioned_and_replace_the_same_date(champion,
     assert all(token.split(":")[0] in ("cond", "proc", "med", "lab") for _, _, _, token, *_ in explained)
     assert {r[2] for r in explained} <= set(range(1, 6))
 
+    # patients read a few at a time give the same scores (chunks of 7: every chunk after the first too)
+    chunked = scoring.score(url, settings, as_of, scoring.ScoreOptions(chunk_patients=7))
+    assert chunked.n_scores == first.n_scores and same_scores(latest(url), scores)
+
     # the same date again in 3 partitions: the same scores, the first run replaced in one transaction
     second = scoring.score(url, settings, as_of, scoring.ScoreOptions(partitions=3))
     assert run_sql(url, "SELECT run_id, status FROM risk.scoring_run ORDER BY run_id") == [(second.run_id, "succeeded")]

@@ -258,7 +258,8 @@ def _score(conn, settings: Settings, loaded: LoadedModel, run: dict, partition: 
                     requests.append(Request(window(streams, cut, loaded.max_length - 1), when / DAY, tasks))
                     owners.append((record.patient_id, sequence, streams["token_ids"], cut))
             logits = one_pass(loaded.model, requests, token_ids, batch_size=options.batch_size, device=device)
-            for request, (patient_id, sequence, ids, cut), values in zip(requests, owners, logits, strict=True):
+            for request, (patient_id, sequence, history_ids, cut), values in zip(requests, owners, logits,
+                                                                                   strict=True):  # fmt: skip
                 raw = 1.0 / (1.0 + np.exp(-values))
                 probabilities = calibrate(loaded.calibration, request.tasks, raw)
                 for task, p in zip(request.tasks, probabilities, strict=True):
@@ -267,7 +268,8 @@ def _score(conn, settings: Settings, loaded: LoadedModel, run: dict, partition: 
                                         float(p), risk, loaded.version.model_version))  # fmt: skip
                     if explain_from is not None and BANDS.index(risk) >= explain_from:
                         scored.explanations += _explain(loaded, run, partition, patient_id, task, request,
-                                                        sequence, ids, cut, token_ids[task], options)  # fmt: skip
+                                                        sequence, history_ids, cut, token_ids[task],
+                                                        options)  # fmt: skip
             done += len(chunk)
             report("scoring", done, len(ids))
     finally:
