@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from odyssey_batch.settings import Settings
-from odyssey_batch.warehouse import connect
 
 if TYPE_CHECKING:
     from odyssey_batch.model.ehrmamba import EHRMamba
@@ -24,26 +23,16 @@ class Pretrained:
 
 def pretrain_run(url: str, run_id: int | None = None) -> int:
     """``run_id`` checked to be a pretraining run, or the latest succeeded one."""
-    conn = connect(url)
-    try:
-        with conn, conn.cursor() as cur:
-            if run_id is None:
-                cur.execute(
-                    "SELECT training_run_id FROM ops.training_run WHERE kind = 'pretrain' AND status = 'succeeded' "
-                    "ORDER BY training_run_id DESC LIMIT 1"
-                )
-                row = cur.fetchone()
-                if row is None:
-                    raise LookupError("no succeeded pretraining run: run `odyssey-batch train pretrain` first")
-                return int(row[0])
-            cur.execute("SELECT kind FROM ops.training_run WHERE training_run_id = %s", (run_id,))
-            row = cur.fetchone()
-    finally:
-        conn.close()
-    if row is None:
-        raise LookupError(f"training run {run_id} does not exist")
-    if row[0] != "pretrain":
-        raise LookupError(f"training run {run_id} is a {row[0]} run: forecasting needs a pretraining run")
+    from odyssey_batch.training.runs import latest_run, run_state
+
+    if run_id is None:
+        latest = latest_run(url, "pretrain")
+        if latest is None:
+            raise LookupError("no succeeded pretraining run: run `odyssey-batch train pretrain` first")
+        return latest
+    kind, _ = run_state(url, run_id)
+    if kind != "pretrain":
+        raise LookupError(f"training run {run_id} is a {kind} run: forecasting needs a pretraining run")
     return run_id
 
 

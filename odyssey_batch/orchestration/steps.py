@@ -108,17 +108,10 @@ def pretrain_model(preset: str, steps: int, epochs: float, max_length: int, seed
 
 
 def latest_pretraining_run() -> int:
-    from odyssey_batch.warehouse import connect
+    from odyssey_batch.training.runs import latest_run
 
     url, _ = context()
-    conn = connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("""SELECT max(training_run_id) FROM ops.training_run
-                           WHERE kind = 'pretrain' AND status = 'succeeded'""")  # fmt: skip
-            run = cur.fetchone()[0]
-    finally:
-        conn.close()
+    run = latest_run(url, "pretrain")
     if run is None:
         raise PermanentError("no succeeded pretraining run to finetune: trigger retrain with mode=full")
     return run

@@ -30,29 +30,16 @@ from odyssey_batch.settings import Settings
 from odyssey_batch.storage import open_location
 from odyssey_batch.training.checkpoint import build_model
 from odyssey_batch.training.finetune import CALIBRATION_FILE, Example, best_checkpoint, calibrate, predict_logits
-from odyssey_batch.warehouse import connect
+from odyssey_batch.training.runs import run_state
 
 BUNDLE_FILES = ("model.safetensors", "config.json", CALIBRATION_FILE, "vocabulary.json", "lab_bins.json",
                 "tasks.json")  # fmt: skip
 
 
-def _run(url: str, run_id: int) -> tuple[str, str]:
-    conn = connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT kind, status FROM ops.training_run WHERE training_run_id = %s", (run_id,))
-            row = cur.fetchone()
-    finally:
-        conn.close()
-    if row is None:
-        raise LookupError(f"training run {run_id} does not exist")
-    return row
-
-
 def register_run(url: str, settings: Settings, run_id: int, *, extra_config: dict[str, Any] | None = None,
                  ) -> ModelVersion:  # fmt: skip
     """Register the best checkpoint of finetuning run ``run_id`` as a candidate model version."""
-    kind, status = _run(url, run_id)
+    kind, status = run_state(url, run_id)
     if kind != "finetune" or status != "succeeded":
         raise ValueError(f"training run {run_id} is a {status} {kind} run: only a succeeded finetuning run is a model")
     prefix = best_checkpoint(settings, run_id)

@@ -52,3 +52,18 @@ def fail_run(url, run_id, exc: BaseException) -> None:
             "UPDATE ops.training_run SET status = 'failed', finished_at = now(), error = %s WHERE training_run_id = %s",
             (f"{type(exc).__name__}: {exc}"[:2000], run_id),
         )
+
+
+def run_state(url: str, run_id: int) -> tuple[str, str]:
+    """A run's (kind, status); LookupError when there is no such run."""
+    row = _execute(url, "SELECT kind, status FROM ops.training_run WHERE training_run_id = %s", (run_id,))
+    if row is None:
+        raise LookupError(f"training run {run_id} does not exist")
+    return row[0], row[1]
+
+
+def latest_run(url: str, kind: str) -> int | None:
+    """The latest succeeded run of a kind (``pretrain`` or ``finetune``), or None."""
+    row = _execute(url, "SELECT max(training_run_id) FROM ops.training_run WHERE kind = %s AND status = 'succeeded'",
+                   (kind,))  # fmt: skip
+    return row[0] if row else None
