@@ -45,10 +45,9 @@ from odyssey_batch.training.finetune import (
     Example,
     FinetuneOptions,
     best_checkpoint,
-    calibrate,
     finetune,
     load_calibration,
-    predict_logits,
+    predict_probabilities,
     task_examples,
 )
 from odyssey_batch.warehouse import connect
@@ -81,10 +80,6 @@ class EvaluationResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _by_task(examples: list[Example], p: np.ndarray, method: str, thresholds: dict[str, float], *,
@@ -156,9 +151,7 @@ def _run_probabilities(settings: Settings, run_id: int, examples: list[Example],
     prefix = best_checkpoint(settings, run_id)
     model, _, _ = load_checkpoint(settings, prefix, trainer=False)
     calibration = load_calibration(settings, prefix)["tasks"]
-    device = default_device()
-    raw = _sigmoid(predict_logits(model.to(device), examples, batch_size, device))
-    return calibrate(calibration, [e.task for e in examples], raw), calibration
+    return predict_probabilities(model, examples, calibration, batch_size, default_device()), calibration
 
 
 def _seed_runs(url: str, settings: Settings, loaded: LoadedModel, seeds: int, say: Progress) -> list[int]:
@@ -193,12 +186,24 @@ def _seed_runs(url: str, settings: Settings, loaded: LoadedModel, seeds: int, sa
     return runs
 
 
-def _examples_for(dataset: Dataset, split: str, tasks: list[str], max_length: int, placement: str,
-                  cache: dict[str, dict[str, Streams]]) -> list[Example]:  # fmt: skip
-    if split not in cache:
-        ids, rows = load_sequences(dataset, split)
-        cache[split] = dict(zip(ids, rows, strict=True))
-    return task_examples(dataset, split, tasks, max_length, placement, sequences=cache[split])
+class _Points:
+    """The labelled prediction points of a dataset version as prompted inputs, each set built once: by split,
+    tasks, input length and prompt placement (the baselines and the oracle reuse the model's when they match)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self._sequences: dict[str, dict[str, Streams]] = {}
+        self._examples: dict[tuple, list[Example]] = {}
+
+    def __call__(self, split: str, tasks: list[str], max_length: int, placement: str) -> list[Example]:
+        key = (split, tuple(tasks), max_length, placement)
+        if key not in self._examples:
+            if split not in self._sequences:
+                ids, rows = load_sequences(self.dataset, split)
+                self._sequences[split] = dict(zip(ids, rows, strict=True))
+            self._examples[key] = task_examples(self.dataset, split, tasks, max_length, placement,
+                                                sequences=self._sequences[split])  # fmt: skip
+        return self._examples[key]
 
 
 def _baseline(method: str, dataset: Dataset, train: list[Example], validation: list[Example],
@@ -247,9 +252,9 @@ def evaluate_model(url: str, settings: Settings, version: int, options: Evaluate
         raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     loaded = load_model(url, settings, version)
     dataset = open_dataset(url, settings, loaded.dataset_version)
-    cache: dict[str, dict[str, Streams]] = {}
+    examples = _Points(dataset)
     say("building the test points")
-    test = _examples_for(dataset, "test", loaded.tasks, loaded.max_length, loaded.placement, cache)
+    test = examples("test", loaded.tasks, loaded.max_length, loaded.placement)
     if not test:
         raise ValueError(f"dataset version {dataset.version} has no labelled test points for the model's tasks")
     results: dict[str, list[MethodResult]] = {}
@@ -270,18 +275,16 @@ def evaluate_model(url: str, settings: Settings, version: int, options: Evaluate
             per_seed.append({t: r.metrics for t, r in
                              _by_task(test, p_seed, "model", seed_thresholds, resamples=0).items()})  # fmt: skip
         seeds_used = len(per_seed)
-        for task in per_seed[0]:
-            std[task] = {}
-            for name in METRICS:
-                values = [s[task][name].value for s in per_seed if s[task][name].value is not None]
-                std[task][name] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+        seed_values = {task: {name: [s[task][name].value for s in per_seed if s[task][name].value is not None]
+                              for name in METRICS} for task in per_seed[0]}  # fmt: skip
+        std = {task: {name: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan") for name, v in values.items()}
+               for task, values in seed_values.items()}  # fmt: skip
         notes.append(f"Model values are means over {seeds_used} finetuning seeds (± their standard deviation); "
                      "intervals are the registered model's bootstrap.")  # fmt: skip
     model_results = _by_task(test, p_model, "model", thresholds, resamples=options.resamples, std=std)
     if options.seeds > 1:
         for task, r in model_results.items():
-            for name in METRICS:
-                values = [s[task][name].value for s in per_seed if s[task][name].value is not None]
+            for name, values in seed_values[task].items():
                 if values:
                     r.metrics[name] = Estimate(float(np.mean(values)), r.metrics[name].ci_low, r.metrics[name].ci_high)
             r.seeds = seeds_used
@@ -303,9 +306,9 @@ def evaluate_model(url: str, settings: Settings, version: int, options: Evaluate
     if options.baselines:
         say("fitting the baselines on the train split")
         # the baselines read only the history; build their points with the appended prompt (history intact)
-        train = _examples_for(dataset, "train", loaded.tasks, loaded.max_length, "append", cache)
-        validation = _examples_for(dataset, "validation", loaded.tasks, loaded.max_length, "append", cache)
-        test_history = _examples_for(dataset, "test", loaded.tasks, loaded.max_length, "append", cache)
+        train = examples("train", loaded.tasks, loaded.max_length, "append")
+        validation = examples("validation", loaded.tasks, loaded.max_length, "append")
+        test_history = examples("test", loaded.tasks, loaded.max_length, "append")
         for method in options.baselines:
             for task, r in _baseline(method, dataset, train, validation, test_history, options.resamples, 0).items():
                 results[task].append(r)
@@ -315,7 +318,7 @@ def evaluate_model(url: str, settings: Settings, version: int, options: Evaluate
         p_true = _oracle(options.oracle, test)
         covered = ~np.isnan(p_true)
         if covered.any():
-            validation = _examples_for(dataset, "validation", loaded.tasks, loaded.max_length, "append", cache)
+            validation = examples("validation", loaded.tasks, loaded.max_length, "append")
             p_val = _oracle(options.oracle, validation)
             thresholds_true = {}
             for task in loaded.tasks:
@@ -336,10 +339,12 @@ def evaluate_model(url: str, settings: Settings, version: int, options: Evaluate
         say(f"scoring with the champion, model version {current.model_version}")
         rival = load_model(url, settings, current.model_version)
         shared = [t for t in loaded.tasks if t in rival.tasks]
-        points = _examples_for(dataset, "test", shared, rival.max_length, rival.placement, cache)
-        p = rival.probabilities(_remap(points, dataset, rival), batch_size=options.batch_size, device=default_device())
+        rival_points = examples("test", shared, rival.max_length, rival.placement)
+        p = rival.probabilities(
+            _remap(rival_points, dataset, rival), batch_size=options.batch_size, device=default_device()
+        )
         rival_thresholds = {t: rival.threshold(t) for t in shared}
-        for task, r in _by_task(points, p, "champion", rival_thresholds, resamples=options.resamples).items():
+        for task, r in _by_task(rival_points, p, "champion", rival_thresholds, resamples=options.resamples).items():
             results[task].append(r)
         champion_version = current.model_version
         notes.append(f"champion: model version {champion_version} on the same points.")

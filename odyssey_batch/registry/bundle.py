@@ -29,7 +29,7 @@ from odyssey_batch.sequences.vocab import Vocabulary
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage import open_location
 from odyssey_batch.training.checkpoint import build_model
-from odyssey_batch.training.finetune import CALIBRATION_FILE, Example, best_checkpoint, calibrate, predict_logits
+from odyssey_batch.training.finetune import CALIBRATION_FILE, Example, best_checkpoint, predict_probabilities
 from odyssey_batch.training.runs import run_state
 
 BUNDLE_FILES = ("model.safetensors", "config.json", CALIBRATION_FILE, "vocabulary.json", "lab_bins.json",
@@ -98,10 +98,8 @@ class LoadedModel:
 
     def probabilities(self, examples: list[Example], *, batch_size: int = 32, device=None) -> np.ndarray:
         """Calibrated probabilities of prompted inputs (built with this model's vocabulary and placement)."""
-        device = device or torch.device("cpu")
-        self.model.to(device)
-        raw = 1.0 / (1.0 + np.exp(-predict_logits(self.model, examples, batch_size, device)))
-        return calibrate(self.calibration, [e.task for e in examples], raw)
+        return predict_probabilities(self.model, examples, self.calibration, batch_size,
+                                     device or torch.device("cpu"))  # fmt: skip
 
 
 def load_model(url: str, settings: Settings, version: int) -> LoadedModel:

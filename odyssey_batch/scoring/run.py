@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from psycopg2.extras import Json, execute_values
+from scipy.special import expit
 
 from odyssey_batch.labels.tasks import load_registry
 from odyssey_batch.model import default_device
@@ -36,9 +37,9 @@ from odyssey_batch.sequences.dataset import encode
 from odyssey_batch.sequences.extract import read_patients
 from odyssey_batch.sequences.grammar import TokenType, task_token
 from odyssey_batch.sequences.timeline import DAY, build_timeline
-from odyssey_batch.sequences.tokens import STREAMS, to_sequence, window, window_start
+from odyssey_batch.sequences.tokens import to_sequence, window, window_start
 from odyssey_batch.settings import Settings
-from odyssey_batch.training.finetune import calibrate, task_token_streams
+from odyssey_batch.training.finetune import calibrate, with_task_token
 from odyssey_batch.warehouse import connect, transaction
 
 log = logging.getLogger(__name__)
@@ -260,8 +261,7 @@ def _score(conn, settings: Settings, loaded: LoadedModel, run: dict, partition: 
             logits = one_pass(loaded.model, requests, token_ids, batch_size=options.batch_size, device=device)
             for request, (patient_id, sequence, history_ids, cut), values in zip(requests, owners, logits,
                                                                                    strict=True):  # fmt: skip
-                raw = 1.0 / (1.0 + np.exp(-values))
-                probabilities = calibrate(loaded.calibration, request.tasks, raw)
+                probabilities = calibrate(loaded.calibration, request.tasks, expit(values))
                 for task, p in zip(request.tasks, probabilities, strict=True):
                     risk = band(float(p), loaded.threshold(task), settings.risk_medium_fraction)
                     scored.rows.append((run["run_id"], partition, as_of, patient_id, task, request.when_days * DAY,
@@ -284,9 +284,7 @@ def _explain(loaded: LoadedModel, run: dict, partition: int, patient_id: str, ta
     """The top contributing events of one score, by integrated gradients over the input embeddings."""
     from odyssey_batch.scoring.explain import integrated_gradients, top_events
 
-    prompt = {name: np.concatenate([request.history[name],
-                                    task_token_streams(request.history, token_id, request.when_days)[name]])
-              for name in STREAMS}  # fmt: skip
+    prompt = with_task_token(request.history, token_id, request.when_days)
     _, attributions = integrated_gradients(loaded.model, prompt, steps=options.explain_steps)
     start, synthetic = window_start(token_ids, cut, loaded.max_length - 1)  # where the history window began
     prefix = 0 if start == 0 else (2 if synthetic else 1)  # the [CLS] (and [VS]) it was given

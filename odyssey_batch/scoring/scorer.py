@@ -18,7 +18,7 @@ import torch
 from odyssey_batch.model.classifier import EHRMambaForTasks
 from odyssey_batch.sequences.tokens import STREAMS
 from odyssey_batch.training.data import Streams, collate
-from odyssey_batch.training.finetune import task_token_streams
+from odyssey_batch.training.finetune import task_token_streams, with_task_token
 
 Progress = Callable[[int], None]
 
@@ -69,8 +69,7 @@ def separate_passes(model: EHRMambaForTasks, requests: list[Request], token_ids:
     prompts = []
     for i, r in enumerate(requests):
         for j, t in enumerate(r.tasks):
-            task = task_token_streams(r.history, token_ids[t], r.when_days)
-            prompts.append((i, j, {name: np.concatenate([r.history[name], task[name]]) for name in STREAMS}))
+            prompts.append((i, j, with_task_token(r.history, token_ids[t], r.when_days)))
     out = [np.zeros(len(r.tasks)) for r in requests]
     order = sorted(range(len(prompts)), key=lambda k: len(prompts[k][2]["token_ids"]))
     for start in range(0, len(order), batch_size):

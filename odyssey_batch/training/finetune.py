@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 
 from odyssey_batch.evaluation.calibration import Calibrator
 from odyssey_batch.evaluation.metrics import best_f1_threshold
@@ -119,7 +120,11 @@ def prompt(streams: Streams, cut: int, token_id: int, when_days: float, max_leng
         return history
     if placement != "append":
         raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
-    history = window(streams, cut, max_length - 1)
+    return with_task_token(window(streams, cut, max_length - 1), token_id, when_days)
+
+
+def with_task_token(history: Streams, token_id: int, when_days: float) -> Streams:
+    """``history`` followed by the task token at the prediction time (placement ``append``)."""
     task = task_token_streams(history, token_id, when_days)
     return {name: np.concatenate([history[name], task[name]]) for name in STREAMS}
 
@@ -184,10 +189,6 @@ def predict_logits(model, examples: list[Example], batch_size: int, device) -> n
     return out
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def validate_tasks(model, examples: list[Example], batch_size: int, device) -> tuple[float, dict[str, float | None]]:
     """Mean (unweighted) validation loss, and AUROC per task (None when a task has one class only)."""
     from odyssey_batch.evaluation.metrics import metric
@@ -218,6 +219,13 @@ def fit_calibration(examples: list[Example], probabilities: np.ndarray, method: 
         out[task] = {"calibrator": calibrator.as_dict(), "threshold": best_f1_threshold(y, calibrator(p)),
                      "points": len(y)}  # fmt: skip
     return out
+
+
+def predict_probabilities(model, examples: list[Example], calibration: dict[str, dict], batch_size: int,
+                          device) -> np.ndarray:  # fmt: skip
+    """Calibrated probabilities of prompted inputs: the model's logits, sigmoid, each task's calibrator."""
+    raw = expit(predict_logits(model.to(device), examples, batch_size, device))
+    return calibrate(calibration, [e.task for e in examples], raw)
 
 
 def calibrate(calibration: dict[str, dict], tasks: list[str], probabilities: np.ndarray) -> np.ndarray:
@@ -388,7 +396,7 @@ def finetune(
         if best_state is None:  # resumed after the best epoch: its weights are in its checkpoint
             best_state = load_checkpoint(settings, best["prefix"], trainer=False)[0].state_dict()
         model.load_state_dict(best_state)
-        probabilities = _sigmoid(predict_logits(model, validation, options.batch_size, device))
+        probabilities = expit(predict_logits(model, validation, options.batch_size, device))
         calibration = fit_calibration(validation, probabilities, options.calibration)
         _put_json(settings, f"{best['prefix']}/{CALIBRATION_FILE}",
                   {"method": options.calibration, "placement": options.placement, "tasks": calibration})  # fmt: skip
