@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from odyssey_batch.cli.context import cli_settings, set_threads
 from odyssey_batch.cli.output import StageProgress, console, emit_json, err_console, table
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the human summary.")]
@@ -26,23 +27,6 @@ ThreadsOption = Annotated[
     ),
 ]
 SeedOption = Annotated[int, typer.Option(help="Random seed: the same seed, model and data give the same output.")]
-
-
-def _settings():
-    from odyssey_batch.settings import load_settings
-
-    try:
-        return load_settings()
-    except (ValueError, FileNotFoundError) as exc:
-        err_console.print(f"[red]configuration error:[/] {exc}")
-        raise typer.Exit(2) from exc
-
-
-def _threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def _fmt(value: float | None) -> str:
@@ -110,9 +94,9 @@ def forecast(
     from odyssey_batch.sequences.tokens import window
     from odyssey_batch.warehouse import database_url
 
-    settings = _settings()
+    settings = cli_settings()
     url = database_url(settings)
-    _threads(threads)
+    set_threads(threads)
     try:
         pretrained = load_pretrained(url, settings, run)
         patient = patient_history(url, pretrained.dataset, patient_id)
@@ -192,9 +176,9 @@ def evaluate_forecast(
     except ValueError as exc:
         err_console.print(f"[red]evaluate-forecast failed:[/] --k must be positive integers like 5,10,20 (got {k!r})")
         raise typer.Exit(2) from exc
-    settings = _settings()
+    settings = cli_settings()
     url = database_url(settings)
-    _threads(threads)
+    set_threads(threads)
     try:
         with StageProgress(not json_output) as bar:
             result = run_evaluation(

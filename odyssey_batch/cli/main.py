@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from odyssey_batch import __version__
+from odyssey_batch.cli.context import cli_settings, open_warehouse, set_threads
 from odyssey_batch.cli.output import (
     IngestProgress,
     StageProgress,
@@ -25,7 +26,7 @@ from odyssey_batch.cli.output import (
     err_console,
     table,
 )
-from odyssey_batch.settings import Settings, load_settings
+from odyssey_batch.settings import Settings
 
 app = typer.Typer(
     name="odyssey-batch",
@@ -48,14 +49,6 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the human summary.")]
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except (ValueError, FileNotFoundError) as exc:
-        err_console.print(f"[red]configuration error:[/] {exc}")
-        raise typer.Exit(2) from exc
 
 
 def _version(value: bool) -> None:
@@ -82,7 +75,7 @@ def db_url() -> None:
     """
     from odyssey_batch.warehouse import database_url
 
-    print(database_url(_settings()))
+    print(database_url(cli_settings()))
 
 
 @db_app.command("upgrade")
@@ -90,7 +83,7 @@ def db_upgrade(json_output: JsonOption = False) -> None:
     """Apply the schema migrations in `sql/` that the warehouse does not have yet (safe to run twice)."""
     from odyssey_batch.warehouse import applied_migrations, database_url, redact, upgrade
 
-    url = database_url(_settings())
+    url = database_url(cli_settings())
     done = upgrade(url)
     applied = applied_migrations(url)
     if json_output:
@@ -105,7 +98,7 @@ def db_start() -> None:
     """Start the embedded Postgres server (no-op when a database URL is configured or it is running)."""
     from odyssey_batch.warehouse import database_url, redact
 
-    settings = _settings()
+    settings = cli_settings()
     url = database_url(settings)
     where = "configured server" if not settings.embedded else "embedded server"
     console.print(f"Warehouse ({where}) is up: {redact(url)}")
@@ -116,7 +109,7 @@ def db_stop() -> None:
     """Stop the embedded Postgres server cleanly. Its data stays under ODYSSEY_HOME/postgres."""
     from odyssey_batch.warehouse import embedded
 
-    stopped = embedded.stop(_settings())
+    stopped = embedded.stop(cli_settings())
     console.print("Embedded server stopped." if stopped else "Embedded server was not running.")
 
 
@@ -125,7 +118,7 @@ def db_status(json_output: JsonOption = False) -> None:
     """Show which warehouse is configured and whether the embedded server runs."""
     from odyssey_batch.warehouse import embedded, redact
 
-    settings = _settings()
+    settings = cli_settings()
     state = embedded.status(settings)
     data: dict[str, Any] = {
         "mode": "embedded" if settings.embedded else "external",
@@ -189,7 +182,7 @@ def ingest(
     from odyssey_batch.ingest.discover import ManifestError
     from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = _settings()
+    settings = cli_settings()
     overrides: dict[str, Any] = {}
     if workers >= 0:
         overrides["ingest_workers"] = workers
@@ -217,10 +210,9 @@ def runs(
     json_output: JsonOption = False,
 ) -> None:
     """List recent ingest runs with their status and reconciled counts."""
-    from odyssey_batch.warehouse import connect, database_url, upgrade
+    from odyssey_batch.warehouse import connect
 
-    url = database_url(_settings())
-    upgrade(url)
+    _, url = open_warehouse()
     conn = connect(url)
     try:
         with conn.cursor() as cur:
@@ -268,10 +260,9 @@ def quarantine(
     The original text of every quarantined line is in `ops.quarantine.raw_text` (and `raw_bytes` when it
     was not valid UTF-8).
     """
-    from odyssey_batch.warehouse import connect, database_url, upgrade
+    from odyssey_batch.warehouse import connect
 
-    url = database_url(_settings())
-    upgrade(url)
+    _, url = open_warehouse()
     conn = connect(url)
     try:
         with conn.cursor() as cur:
@@ -323,11 +314,8 @@ def validate(
     stages refuse a rejected run unless accepted (`odyssey-batch accept-run`).
     """
     from odyssey_batch.quality.gate import validate as run_validate
-    from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = _settings()
-    url = database_url(settings)
-    upgrade(url)
+    settings, url = open_warehouse()
     if not json_output:
         err_console.print("Validating with Great Expectations ...")
     try:
@@ -357,7 +345,7 @@ def accept_run(
     from odyssey_batch.quality.gate import accept_run as record_acceptance
     from odyssey_batch.warehouse import database_url
 
-    url = database_url(_settings())
+    url = database_url(cli_settings())
     try:
         who = record_acceptance(url, run_id, reason, by)
     except (LookupError, ValueError) as exc:
@@ -418,11 +406,8 @@ def tokenize(
     from odyssey_batch.quality.gate import RunRejected
     from odyssey_batch.sequences.dataset import TokenizeOptions
     from odyssey_batch.sequences.dataset import tokenize as run_tokenize
-    from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = _settings()
-    url = database_url(settings)
-    upgrade(url)
+    settings, url = open_warehouse()
     options = TokenizeOptions.from_settings(settings, max_length=max_length, min_count=min_count, lab_bins=lab_bins)
     try:
         with StageProgress(enabled=not json_output) as progress:
@@ -454,7 +439,7 @@ def show_patient(
     from odyssey_batch.sequences.view import patient_view
     from odyssey_batch.warehouse import database_url
 
-    settings = _settings()
+    settings = cli_settings()
     url = database_url(settings)
     try:
         rows, summary = patient_view(url, open_dataset(url, settings, dataset), patient_id)
@@ -501,16 +486,11 @@ def train_pretrain(
     Checkpoints (safetensors) go to the object store under `training/run-<id>/`; a killed run continues with
     `--resume <id>`. The run is recorded in `ops.training_run`.
     """
-    import torch
 
     from odyssey_batch.training.pretrain import PretrainOptions, pretrain
-    from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = _settings()
-    url = database_url(settings)
-    upgrade(url)
-    if threads:
-        torch.set_num_threads(threads)
+    settings, url = open_warehouse()
+    set_threads(threads)
     options = PretrainOptions(
         preset=preset, max_length=max_length or settings.max_length, batch_size=batch_size, epochs=epochs,
         steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
@@ -576,16 +556,11 @@ def train_finetune(
     `ops.model_version` (then `odyssey-batch evaluate <version>`). `--single-task` trains the ablation instead:
     one run per task, not registered, which `evaluate` puts beside the multitask model.
     """
-    import torch
 
     from odyssey_batch.training.finetune import FinetuneOptions, finetune
-    from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = _settings()
-    url = database_url(settings)
-    upgrade(url)
-    if threads:
-        torch.set_num_threads(threads)
+    settings, url = open_warehouse()
+    set_threads(threads)
     if from_run is None and resume is None:
         err_console.print("[red]finetune failed:[/] give --from <pretraining run> (or --resume <finetuning run>)")
         raise typer.Exit(2)
@@ -673,16 +648,11 @@ def evaluate(
     when they exist, the true risk with `--oracle`, and the current champion. Rows go to `ops.model_evaluation`;
     a Markdown/HTML report with ROC and calibration plots is stored with the model (`report/`).
     """
-    import torch
 
     from odyssey_batch.evaluation.evaluate import EvaluateOptions, evaluate_model
-    from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = _settings()
-    url = database_url(settings)
-    upgrade(url)
-    if threads:
-        torch.set_num_threads(threads)
+    settings, url = open_warehouse()
+    set_threads(threads)
     chosen = () if baselines.strip() in ("", "none") else tuple(b.strip() for b in baselines.split(",") if b.strip())
     options = EvaluateOptions(baselines=chosen, oracle=str(oracle) if oracle else None, seeds=seeds,
                               resamples=resamples)  # fmt: skip
@@ -718,11 +688,8 @@ app.add_typer(models_app, name="models")
 def models_list(json_output: JsonOption = False) -> None:
     """Every model version, newest first: status, dataset version, preset, mean test AUROC."""
     from odyssey_batch.registry.versions import list_versions
-    from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = _settings()
-    url = database_url(settings)
-    upgrade(url)
+    _, url = open_warehouse()
     found = list_versions(url)
     data = []
     for v in found:
@@ -757,11 +724,8 @@ def models_promote(
     """
     from odyssey_batch.registry.promotion import force_promote
     from odyssey_batch.registry.promotion import promote as apply_rule
-    from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = _settings()
-    url = database_url(settings)
-    upgrade(url)
+    settings, url = open_warehouse()
     try:
         if force:
             if not reason:
@@ -793,11 +757,8 @@ def models_rollback(
 ) -> None:
     """Retire the champion and bring back the one it replaced (recorded in `ops.model_promotion`)."""
     from odyssey_batch.registry.promotion import rollback
-    from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = _settings()
-    url = database_url(settings)
-    upgrade(url)
+    _, url = open_warehouse()
     try:
         restored = rollback(url, actor=actor, reason=reason)
     except (LookupError, ValueError) as exc:
@@ -854,16 +815,11 @@ def score(
     same date again replaces it in one transaction. Read it with
     `SELECT * FROM risk.latest_score` or `risk.patient_risk` or `risk.high_risk_today`.
     """
-    import torch
 
     from odyssey_batch.scoring import run as scoring
-    from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = _settings()
-    url = database_url(settings)
-    upgrade(url)
-    if threads:
-        torch.set_num_threads(threads)
+    settings, url = open_warehouse()
+    set_threads(threads)
     options = scoring.ScoreOptions(cohort=cohort, active_days=active_days, partitions=partitions)
     try:
         if run_id is not None:
@@ -991,7 +947,7 @@ def demo(json_output: JsonOption = False) -> None:
     from odyssey_batch.warehouse import connect, upgrade
     from odyssey_batch.warehouse import embedded as embedded_server
 
-    settings = _settings().with_overrides(database_url="")
+    settings = cli_settings().with_overrides(database_url="")
     steps: dict[str, Any] = {}
     if not json_output:
         console.rule("[bold]odyssey-batch demo")
