@@ -224,22 +224,22 @@ RUN printf 'torch==%s\nmamba-ssm==%s\ncausal-conv1d==%s\n' \
 # apache-airflow 3.3.x without conflicts (pip's resolver, checked without building).
 WORKDIR /src
 # README.md is the package long description (pyproject `readme`); the wildcard tolerates its absence.
-COPY pyproject.toml README.m[d] ./
+COPY pyproject.toml constraints.txt README.m[d] ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     mkdir -p odyssey_batch \
  && touch odyssey_batch/__init__.py \
  && pip install --find-links /opt/odyssey-wheels --only-binary mamba-ssm,causal-conv1d \
-        --constraint /opt/odyssey-wheels/constraints.txt ".[airflow,gpu]" \
+        --constraint /opt/odyssey-wheels/constraints.txt --constraint constraints.txt ".[airflow,gpu]" \
  && rm -rf odyssey_batch build ./*.egg-info
 
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --constraint /opt/odyssey-wheels/constraints.txt "${AIRFLOW_CELERY_PROVIDER}"
+    pip install --constraint /opt/odyssey-wheels/constraints.txt --constraint constraints.txt "${AIRFLOW_CELERY_PROVIDER}"
 
 COPY sql/ ./sql/
 COPY odyssey_batch/ ./odyssey_batch/
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --find-links /opt/odyssey-wheels --only-binary mamba-ssm,causal-conv1d \
-        --constraint /opt/odyssey-wheels/constraints.txt ".[airflow,gpu]" \
+        --constraint /opt/odyssey-wheels/constraints.txt --constraint constraints.txt ".[airflow,gpu]" \
  && pip check \
  && python -c "import torch, selective_scan_cuda, causal_conv1d_cuda" \
  && odyssey-batch --version \

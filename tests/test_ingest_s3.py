@@ -1,37 +1,33 @@
-"""Ingest from ``s3://bucket/prefix`` against a real S3-protocol server on loopback (moto's server mode).
+"""Ingest from ``s3://bucket/prefix`` against a real S3 server on loopback (SeaweedFS, ``tests/s3_server.py``).
 
-The server runs once for the module, with IAM authentication switched on after the fixture has created its
-users, so that wrong credentials are refused as a real S3 would refuse them (moto accepts anything otherwise).
-Uploads go through the product's own client (``odyssey_batch.storage.location.s3_client``).
+The server enforces credentials: one identity may do everything, another may only list, unknown keys and wrong
+secrets are refused, as a production S3 or MinIO refuses them. Uploads go through the product's own client
+(``odyssey_batch.storage.location.s3_client``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import os
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import pytest
 from minio.error import S3Error
-from moto.server import ThreadedMotoServer
 
 from odyssey_batch.cli.main import example_export
 from odyssey_batch.ingest import ingest
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage.location import s3_client
 from tests.conftest import fresh_database, run_sql, shared_data, table_fingerprints
+from tests.s3_server import REGION, S3Server, seaweedfs
 
 BUCKET = "hospital-exports"
 TINY = "tiny/2026-01-10"
 SYNTHEA = "synthea/2021-06-01"
 SYNTHEA_DIR = "fhir/synthea-smart-100-ndjson"
-REGION = "us-east-1"
 SYNTHEA_COUNTS = {
     "patient": 100,
     "encounter": 3126,
@@ -44,33 +40,24 @@ SYNTHEA_COUNTS = {
 
 @dataclass(frozen=True)
 class S3:
-    endpoint: str
-    access_key: str
-    secret_key: str
-    list_only_access_key: str  # may list the bucket but not read objects
-    list_only_secret_key: str
+    server: S3Server
+
+    @property
+    def list_only_access_key(self) -> str:
+        return self.server.list_only.access_key
+
+    @property
+    def list_only_secret_key(self) -> str:
+        return self.server.list_only.secret_key
 
     def settings(self, base: Settings, access_key: str | None = None, secret_key: str | None = None) -> Settings:
+        admin = self.server.admin
         return base.with_overrides(
-            s3_endpoint=self.endpoint,
-            s3_access_key=self.access_key if access_key is None else access_key,
-            s3_secret_key=self.secret_key if secret_key is None else secret_key,
+            s3_endpoint=self.server.endpoint,
+            s3_access_key=admin.access_key if access_key is None else access_key,
+            s3_secret_key=admin.secret_key if secret_key is None else secret_key,
             s3_region=REGION,
         )
-
-
-def _post(url: str, data: bytes) -> None:
-    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "text/plain"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
-
-
-def _user(iam, name: str, actions: list[str]) -> tuple[str, str]:
-    iam.create_user(UserName=name)
-    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
-    iam.put_user_policy(UserName=name, PolicyName=f"{name}-s3", PolicyDocument=json.dumps(policy))
-    key = iam.create_access_key(UserName=name)["AccessKey"]
-    return key["AccessKeyId"], key["SecretAccessKey"]
 
 
 def _upload(client, folder: Path, prefix: str) -> list[str]:
@@ -82,40 +69,20 @@ def _upload(client, folder: Path, prefix: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
-    """A moto S3 server on 127.0.0.1 with the tiny export and Synthea-100 uploaded; IAM authentication on."""
+    """A SeaweedFS S3 server on 127.0.0.1 with the tiny export and Synthea-100 uploaded."""
     with pytest.MonkeyPatch.context() as mp:
         # No AWS configuration of the machine may leak in (profiles, real keys, a different region).
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
+        for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
             mp.delenv(name, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", REGION)
         mp.setenv("AWS_CONFIG_FILE", os.devnull)
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log on stderr
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        try:
-            iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION)
-            access_key, secret_key = _user(iam, "odyssey-ingest", ["s3:*"])
-            # (moto authorizes HEAD bucket as s3:HeadBucket; AWS itself asks for s3:ListBucket)
-            list_key, list_secret = _user(iam, "odyssey-list-only", ["s3:ListBucket", "s3:HeadBucket"])
-            _post(f"{endpoint}/moto-api/reset-auth", b"0")  # every request from now on must be signed by a user
-            try:
-                store = S3(endpoint, access_key, secret_key, list_key, list_secret)
-                client = s3_client(store.settings(Settings(home=tmp_path_factory.mktemp("s3-home"))))
-                client.make_bucket(BUCKET)
-                _upload(client, example_export(), TINY)
-                _upload(client, shared_data(SYNTHEA_DIR), SYNTHEA)
-                yield store
-            finally:
-                _post(f"{endpoint}/moto-api/reset-auth", b"inf")
-                _post(f"{endpoint}/moto-api/reset", b"")
-        finally:
-            server.stop()
+        with seaweedfs(tmp_path_factory.mktemp("s3-server")) as server:
+            store = S3(server)
+            client = s3_client(store.settings(Settings(home=tmp_path_factory.mktemp("s3-home"))))
+            client.make_bucket(BUCKET)
+            _upload(client, example_export(), TINY)
+            _upload(client, shared_data(SYNTHEA_DIR), SYNTHEA)
+            yield store
 
 
 @pytest.fixture
@@ -251,7 +218,7 @@ def test_prefix_without_files_is_a_clear_error(s3_settings, db_url):
 
 @pytest.mark.parametrize(
     ("access_key", "secret_key"),
-    [("testing", "testing"), (None, "not-the-secret")],
+    [("nobody-we-know", "whatever-secret"), (None, "not-the-secret")],
     ids=["unknown-access-key", "wrong-secret"],
 )
 def test_wrong_credentials_fail_loudly(s3, settings, db_url, access_key, secret_key):

@@ -360,8 +360,8 @@ def project_installs(path: Path) -> list[set[str]]:
 
 
 def readme_install_extras(text: str) -> set[str]:
-    match = re.search(r'pip install (?:--quiet )?-e "\.\[([\w,-]+)\]"', text)
-    assert match, 'no `pip install -e ".[...]"` command found'
+    match = re.search(r'pip install (?:--quiet )?-c constraints\.txt -e "\.\[([\w,-]+)\]"', text)
+    assert match, 'no `pip install -c constraints.txt -e ".[...]"` command (the install with the lock) found'
     return set(match.group(1).split(","))
 
 
@@ -611,6 +611,14 @@ def test_images_install_the_readme_extras() -> None:
     assert command in (INFRA / "README.md").read_text(), f"infra/README.md should state {command}"
     trainer = project_installs(INFRA / "trainer.Dockerfile")
     assert trainer and all(image_extras | {"gpu"} <= extras for extras in trainer), trainer
+    for dockerfile in ("Dockerfile", "trainer.Dockerfile"):  # every install in the images uses the lock
+        text = joined_dockerfile(INFRA / dockerfile)
+        assert "COPY pyproject.toml constraints.txt" in text, dockerfile
+        commands = [c for c in re.split(r"&&|;|\n", text)
+                    if re.search(r"^\s*(RUN .*)?pip install .*(\.\[|AIRFLOW_CELERY_PROVIDER)", c)]  # fmt: skip
+        assert len(commands) == 3, commands  # dependencies, the Celery provider, the project
+        for command in commands:
+            assert "--constraint constraints.txt" in command, f"{dockerfile}: {command.strip()}"
 
 
 def test_images_pin_the_versions_of_pyproject() -> None:

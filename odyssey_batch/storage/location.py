@@ -80,14 +80,21 @@ class S3Location:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def list_files(self) -> list[StoredFile]:
-        if not self.client.bucket_exists(self.bucket):
-            raise FileNotFoundError(f"no such bucket: {self.bucket}")
+        # Only ListObjects, the one permission a reader of a prefix surely has: no HeadBucket first, whose
+        # authorization differs between S3 implementations.
+        from minio.error import S3Error
+
         start = len(self.prefix) + 1 if self.prefix else 0
         files = []
-        for obj in self.client.list_objects(self.bucket, prefix=self._key(""), recursive=True):
-            if obj.is_dir or obj.object_name is None:
-                continue
-            files.append(StoredFile(obj.object_name[start:], int(obj.size or 0)))
+        try:
+            for obj in self.client.list_objects(self.bucket, prefix=self._key(""), recursive=True):
+                if obj.is_dir or obj.object_name is None:
+                    continue
+                files.append(StoredFile(obj.object_name[start:], int(obj.size or 0)))
+        except S3Error as exc:
+            if exc.code == "NoSuchBucket":
+                raise FileNotFoundError(f"no such bucket: {self.bucket}") from None
+            raise
         return sorted(files, key=lambda f: f.name)
 
     @contextmanager
