@@ -178,7 +178,7 @@ def test_official_hl7_examples_parse_and_reconcile(db_url, settings, query):
     ]
     assert query("SELECT start_time, end_time FROM ehr.encounter WHERE encounter_id = 'example'") == [(None, None)]
     # Observations whose subject is not a Patient (a Group, a Device...) stay raw only, and are reported.
-    assert counts["not_normalized"]["Observation"]["no-patient"] > 0
+    assert counts["by_type"]["Observation"]["excluded_reasons"]["no-patient"] > 0
     # Date-only periods ('2013-03-11' .. '2013-03-20' in Encounter-f203) are read as midnight UTC.
     assert query("SELECT start_time, end_time FROM ehr.encounter WHERE encounter_id = 'f203'") == [
         (dt.datetime(2013, 3, 11, tzinfo=dt.UTC), dt.datetime(2013, 3, 20, tzinfo=dt.UTC))
