@@ -149,15 +149,17 @@ def _print_ingest_summary(result: dict[str, Any]) -> None:
                         ["resource type", "read", "normalized", "excluded", "excluded because", "unchanged",
                          "quarantined"], rows))  # fmt: skip
     console.print(
-        f"\n[bold]{result['records']:,}[/] resources read = [green]{result['normalized']:,} normalized[/] + "
-        f"{result['excluded']:,} excluded + {result['unchanged']:,} unchanged + "
+        f"\n[bold]{result['records']:,}[/] resources read = [green]{result['loaded']:,} loaded[/] "
+        f"([green]{result['normalized']:,} normalized[/] + {result['excluded']:,} excluded; "
+        f"{result['inserted']:,} new, {result['updated']:,} updated) + {result['unchanged']:,} unchanged + "
         f"[{'red' if result['quarantined'] else 'green'}]{result['quarantined']:,} quarantined[/]"
         f" in {result['seconds']:.1f} s ({result['resources_per_s']:,.0f} resources/s)."
     )
-    console.print(
-        f"{result['loaded']:,} loaded into fhir.resource ({result['inserted']:,} new, {result['updated']:,} "
-        f"updated) = normalized into ehr.* + excluded (kept raw only; not-modelled: a type with no ehr table)."
-    )
+    if result.get("excluded_reasons"):
+        console.print(
+            f"Excluded (kept raw in fhir.resource, no ehr.* row): {_excluded_text(result['excluded_reasons'])} "
+            "(not-modelled: a type with no ehr table)."
+        )
     if result.get("quarantine_reasons"):
         reasons = ", ".join(f"{k} {v:,}" for k, v in result["quarantine_reasons"].items())
         console.print(f"Quarantine reasons: {reasons}. Inspect: odyssey-batch quarantine --run-id {result['run_id']}")

@@ -46,10 +46,10 @@ class Thresholds:
     max_volume_drop: float
     future_tolerance_s: int = 300  # how far after the run's start a time may lie (clock drift)
 
-    @property
-    def received_by(self) -> str:
-        """SQL for the latest plausible time of rows of run ``r``: when it started, plus the tolerance."""
-        return f"(r.started_at + interval '{int(self.future_tolerance_s)} seconds')"
+    def received_by(self, run: str = "r.") -> str:
+        """SQL for the latest plausible time of a run's rows: when it started, plus the tolerance. ``run``: how
+        its columns are qualified (GX aliases a batch itself unless the query joins; then name no alias)."""
+        return f"({run}started_at + interval '{int(self.future_tolerance_s)} seconds')"
 
 
 # Clinical event tables: (table, primary key, event time columns).
@@ -195,7 +195,7 @@ def _times(table: str, key: str, columns: tuple[str, ...], thresholds: Threshold
             f"no {table} after the export's transaction time or after the run started "
             f"(+{thresholds.future_tolerance_s} s)",
             sql=f"SELECT b.{key} FROM {{batch}} b JOIN ops.ingest_run r ON r.run_id = b.run_id "
-            f"WHERE {latest} > least(r.transaction_time, {thresholds.received_by})",
+            f"WHERE {latest} > least(r.transaction_time, {thresholds.received_by()})",
         ),
     )
 
@@ -220,7 +220,7 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     "critical",
                     f"no birth or death after the run started (+{thresholds.future_tolerance_s} s)",
                     sql="SELECT b.patient_id FROM {batch} b JOIN ops.ingest_run r ON r.run_id = b.run_id "
-                    f"WHERE greatest(b.birth_date::timestamptz, b.death_time) > {thresholds.received_by}",
+                    f"WHERE greatest(b.birth_date::timestamptz, b.death_time) > {thresholds.received_by()}",
                 ),
                 Check(
                     "gender_known",
@@ -311,7 +311,7 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     f"no meta.lastUpdated after the run started (+{thresholds.future_tolerance_s} s)",
                     sql="SELECT b.resource_type, b.resource_id FROM {batch} b "
                     "JOIN ops.ingest_run r ON r.run_id = b.run_id "
-                    f"WHERE b.last_updated > {thresholds.received_by}",
+                    f"WHERE b.last_updated > {thresholds.received_by()}",
                 ),
             ),
         )
@@ -342,7 +342,7 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     "transaction_time_not_in_future",
                     "critical",
                     f"the manifest's transactionTime is not after the run started (+{thresholds.future_tolerance_s} s)",
-                    sql=f"SELECT r.run_id FROM {{batch}} r WHERE r.transaction_time > {thresholds.received_by}",
+                    sql=f"SELECT run_id FROM {{batch}} WHERE transaction_time > {thresholds.received_by('')}",
                 ),
                 Check(
                     "manifest_files_present",
