@@ -334,3 +334,39 @@ def test_hl7_examples_every_resource_accounted_for(db_url, settings):
         reasons.update(c["excluded_reasons"])
     assert set(reasons) <= {"no-patient", "no-code", "unresolved-medication", "medication-without-code",
                             "not-modelled"}  # fmt: skip
+
+
+SYNTHEA_BUNDLES = "fhir-large/synthea-smart-r4-bundles"
+BUNDLE_FILES = (
+    "hospitalInformation1559319163815.json.gz", "practitionerInformation1559319163815.json.gz",
+    "Buster_Hoeger_ad2e3fc5-2b5d-4cb9-8d03-9ea0f4ac8423.json.gz",
+    "Clemente_Kreiger_1484a42d-0eaf-4654-9cbf-6b050a5cd73b.json.gz",
+    "Liz_Conn_27c911c6-f045-4ffa-af5d-6eba57ac94b2.json.gz",
+)  # fmt: skip
+
+
+def test_synthea_bundles_every_resource_accounted_for(db_url, settings, tmp_path, query):
+    """Transaction Bundles (urn:uuid references, Claims and EOBs beside the clinical resources)."""
+    source = shared_data(SYNTHEA_BUNDLES)
+    export = tmp_path / "bundles"
+    export.mkdir()
+    read: Counter[str] = Counter()
+    for name in BUNDLE_FILES:
+        shutil.copyfile(source / name, export / name)
+        with gzip.open(source / name, "rt", encoding="utf-8") as fh:
+            read.update(e["resource"]["resourceType"] for e in json.load(fh)["entry"])
+
+    result = ingest(str(export), settings, url=db_url)
+
+    assert_identity(result)
+    assert {t: c["records"] for t, c in result.counts["by_type"].items()} == dict(read)
+    assert {"Claim", "ExplanationOfBenefit"} <= set(read)
+    # Each patient Bundle repeats its Organization and Practitioner, with other content than the shared Bundles.
+    assert result.counts["quarantine_reasons"] == {"superseded": result.counts["quarantined"]}
+    assert {t for t, c in result.counts["by_type"].items() if c["quarantined"]} == {"Organization", "Practitioner"}
+    for t, table in (("Patient", "patient"), ("Encounter", "encounter"), ("Condition", "condition"),
+                     ("Procedure", "procedure"), ("MedicationRequest", "medication_request"),
+                     ("Observation", "observation")):  # fmt: skip
+        assert result.counts["by_type"][t]["normalized"] == read[t], t  # Synthea codes everything
+        assert query(f"SELECT count(*) FROM ehr.{table}") == [(read[t],)], t
+    assert result.counts["by_type"]["Claim"]["excluded_reasons"] == {"not-modelled": read["Claim"]}
