@@ -49,11 +49,15 @@ def system_name(uri: str | None) -> str:
     return SYSTEM_NAMES.get(uri, uri)
 
 
+def _codings_with_code(concept: object) -> list[dict]:
+    if not isinstance(concept, dict):
+        return []
+    return [c for c in concept.get("coding") or () if isinstance(c, dict) and c.get("code")]
+
+
 def pick_coding(concept: object, kind: str) -> tuple[str, str, str | None] | None:
     """``(code_system, code, display)`` of the best coding of a CodeableConcept, or None if none has a code."""
-    if not isinstance(concept, dict):
-        return None
-    codings = [c for c in concept.get("coding") or () if isinstance(c, dict) and c.get("code")]
+    codings = _codings_with_code(concept)
     if not codings:
         return None
     preference = PREFERRED.get(kind, ())
@@ -78,7 +82,7 @@ def text_code(text: object) -> str | None:
 
 def only_text(concept: object) -> bool:
     """True when a CodeableConcept has no coding with a code but a non-blank ``text``."""
-    return pick_coding(concept, "") is None and isinstance(concept, dict) and text_code(concept.get("text")) is not None
+    return isinstance(concept, dict) and not _codings_with_code(concept) and text_code(concept.get("text")) is not None
 
 
 def pick_code(concept: object, kind: str, keep_text: bool = True) -> tuple[str, str, str | None] | None:

@@ -19,7 +19,7 @@ in parallel but merge one after the other, each seeing what the other committed.
 4. ``medicationReference`` is resolved to the Medication's code; encounter references that resolve nowhere
    are cleared (and counted); the normalized ``ehr.*`` rows are upserted;
 5. every loaded resource is accounted for: normalized into its ``ehr`` table, or excluded with a reason (a
-   modelled type without a usable code or patient, see ``normalize.SKIP_REASONS``; ``not-modelled`` for the
+   modelled type without a usable code or patient, see ``normalize.EXCLUSION_REASONS``; ``not-modelled`` for the
    types kept raw only). Per type, read = normalized + excluded + quarantined + unchanged; the counts go to
    ``ops.ingest_type_count`` and ``ops.ingest_exclusion``;
 6. the quarantine is published, the counts are reconciled (records = loaded + quarantined + unchanged) and the
@@ -36,7 +36,7 @@ import psycopg2.extensions
 from psycopg2.extras import execute_values
 
 from odyssey_batch.ingest import codes
-from odyssey_batch.ingest.normalize import EHR_TABLES
+from odyssey_batch.ingest.normalize import EHR_TABLES, EXCLUSION_REASONS, NOT_MODELLED
 
 
 class RunStateError(RuntimeError):
@@ -45,9 +45,6 @@ class RunStateError(RuntimeError):
 
 # The transaction-level advisory lock that serializes merges (any constant; this one spells "odyssey").
 MERGE_LOCK = 0x6F64797373657921
-
-# Why a loaded resource of a type with no ehr table has no normalized row.
-NOT_MODELLED = "not-modelled"
 
 # A numeric meta.versionId, for ordering versions when lastUpdated is missing.
 _VERSION_NUM = "CASE WHEN {t}.version_id ~ '^[0-9]{{1,18}}$' THEN {t}.version_id::bigint END"
@@ -292,10 +289,12 @@ def _account(
             excluded[resource_type][NOT_MODELLED] += n
         elif has_row:
             normalized[resource_type] += n
-        elif reason is not None:
+        elif reason in EXCLUSION_REASONS:
             excluded[resource_type][reason] += n
         else:
-            raise RuntimeError(f"ingest run {run_id}: {n} {resource_type} resources have neither a row nor a reason")
+            raise RuntimeError(
+                f"ingest run {run_id}: {n} {resource_type} resources have neither a row nor a known reason ({reason})"
+            )
     for resource_type, table in EHR_TABLES.items():
         if normalized[resource_type] != written.get(table, 0):
             raise RuntimeError(

@@ -4,7 +4,7 @@ Pure functions over the resource's JSON (a dict). References are resolved to ids
 patient and encounter exist is checked later, when the whole run is known (files may come in any order).
 
 A resource of a type with an ``ehr`` table either gets its row or says why not (``Normalized.skipped``), one of
-``SKIP_REASONS``; the merge adds the reasons only it can know (see ``commit.py``). Every resource is thus
+``EXCLUSION_REASONS``; the merge adds the reasons only it can know (see ``commit.py``). Every resource is thus
 accounted for: normalized, or excluded with a reason.
 """
 
@@ -31,8 +31,10 @@ EHR_TABLES: dict[str, str] = {
 }
 
 
-# Why a resource of a modelled type gets no ehr row.
-SKIP_REASONS = {
+# Why a loaded resource gets no ehr row (it stays raw in fhir.resource): the reasons of ops.ingest_exclusion.
+NOT_MODELLED = "not-modelled"
+EXCLUSION_REASONS = {
+    NOT_MODELLED: "its type has no ehr table",
     "no-patient": "its subject is not a Patient (a Group, a Device, a Location...)",
     "no-code": "its code (or medication) has neither a coding with a code nor a text",
     "text-only-code": "its code is free text only, and ODYSSEY_KEEP_TEXT_CODES is false",
