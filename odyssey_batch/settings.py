@@ -45,11 +45,18 @@ class Settings:
     # Ingest: parallel validation workers (0 = number of CPU cores) and lines per work chunk.
     ingest_workers: int = 0
     ingest_chunk_lines: int = 2000
+    # Ingest: keep a code that is free text only (a CodeableConcept with a text and no coding) as code system
+    # TEXT with the normalized text as code; false excludes such resources from ehr.* (reason text-only-code).
+    keep_text_codes: bool = True
     # Data-quality gate: code systems allowed in the ehr tables (short names, comma separated), the largest
     # share of a run's lines that may be quarantined, and the largest drop of a table's row count between checks.
-    dq_code_systems: str = "SNOMED,LOINC,RXNORM,ICD10CM,ICD10PCS,ICD9CM,CPT,LOCAL"
+    # TEXT is the system of free-text-only codes (see keep_text_codes).
+    dq_code_systems: str = "SNOMED,LOINC,RXNORM,ICD10CM,ICD10PCS,ICD9CM,CPT,LOCAL,TEXT"
     dq_max_quarantine_rate: float = 0.05
     dq_max_volume_drop: float = 0.5
+    # Data-quality gate: how many seconds a time (transactionTime, an event, meta.lastUpdated) may lie after the
+    # moment the run started (the export was received) before it is a critical finding (clocks drift a little).
+    dq_future_tolerance_s: int = 300
     # Tokenization: the longest model input (most recent tokens, cut at a visit boundary), how often a code must
     # appear in training sequences to get its own token, lab value bins per code, patients read per chunk.
     max_length: int = 2048

@@ -183,6 +183,35 @@ def where(row: dict) -> tuple:
     return row["source"], row["line_no"], row["kind"], row["reason"], row["resource_id"]
 
 
+def assert_accounted(result, query) -> None:
+    """Per type, read = normalized + excluded + quarantined + unchanged, as stored in ops.ingest_type_count and
+    ops.ingest_exclusion, and normalized is what the run wrote to each ehr table."""
+    c = result.counts
+    stored = {
+        t: {"records": read, "normalized": n, "excluded": x, "quarantined": q, "unchanged": u}
+        for t, read, n, x, q, u in query(
+            """SELECT resource_type, read, normalized, excluded, quarantined, unchanged FROM ops.ingest_type_count
+               WHERE run_id = %s""",
+            (result.run_id,),
+        )
+    }
+    keys = ("records", "normalized", "excluded", "quarantined", "unchanged")
+    assert stored == {t: {k: v[k] for k in keys} for t, v in c["by_type"].items()}
+    exclusions: dict[str, dict[str, int]] = {}
+    for t, reason, n in query(
+        "SELECT resource_type, reason, resources FROM ops.ingest_exclusion WHERE run_id = %s", (result.run_id,)
+    ):
+        exclusions.setdefault(t, {})[reason] = n
+    for t, v in c["by_type"].items():
+        assert v["records"] == v["normalized"] + v["excluded"] + v["quarantined"] + v["unchanged"], (t, v)
+        assert v["loaded"] == v["normalized"] + v["excluded"], (t, v)
+        assert exclusions.get(t, {}) == v["excluded_reasons"] and sum(v["excluded_reasons"].values()) == v["excluded"]
+    assert c["normalized"] + c["excluded"] == c["loaded"], c
+    for t, table in EHR_TABLE.items():
+        normalized = c["by_type"].get(t, {}).get("normalized", 0)
+        assert query(f"SELECT count(*) FROM ehr.{table} WHERE run_id = %s", (result.run_id,)) == [(normalized,)], t
+
+
 def assert_reconciled(result, query) -> None:
     """records == loaded + quarantined + unchanged, and the counts agree with what the database holds."""
     c = result.counts
@@ -198,6 +227,7 @@ def assert_reconciled(result, query) -> None:
     ]
     assert query("SELECT count(*) FROM fhir.resource WHERE run_id = %s", (result.run_id,)) == [(c["loaded"],)]
     assert query("SELECT status FROM ops.ingest_run WHERE run_id = %s", (result.run_id,)) == [("succeeded",)]
+    assert_accounted(result, query)
 
 
 def counts_of(result) -> tuple[int, int, int, int, int]:
@@ -306,7 +336,10 @@ def test_resource_of_another_type_in_a_typed_file(run, query):
     assert row["raw_text"] == stray
     assert loaded_ids(query) == ALL  # p2 on line 3 still loaded; o5 did not sneak in
     assert counts_of(result) == (11, 10, 1, 0, 0)
-    assert result.counts["by_type"]["Observation"] == {"records": 5, "loaded": 4, "unchanged": 0, "quarantined": 1}
+    assert result.counts["by_type"]["Observation"] == {
+        "records": 5, "loaded": 4, "normalized": 4, "excluded": 0, "excluded_reasons": {}, "unchanged": 0,
+        "quarantined": 1,
+    }  # fmt: skip
     assert_reconciled(result, query)
 
 
@@ -609,7 +642,10 @@ def test_duplicate_versions_in_one_export_newest_wins(run, query):
     assert query("SELECT value_num FROM ehr.observation WHERE observation_id = 'o1'") == [(1.4,)]
     assert loaded_ids(query) == ALL
     assert counts_of(result) == (12, 10, 1, 1, 0)  # the identical p1 is unchanged, not quarantined
-    assert result.counts["by_type"]["Patient"] == {"records": 4, "loaded": 3, "unchanged": 1, "quarantined": 0}
+    assert result.counts["by_type"]["Patient"] == {
+        "records": 4, "loaded": 3, "normalized": 3, "excluded": 0, "excluded_reasons": {}, "unchanged": 1,
+        "quarantined": 0,
+    }  # fmt: skip
     assert_reconciled(result, query)
 
 

@@ -178,8 +178,35 @@ def test_official_hl7_examples_parse_and_reconcile(db_url, settings, query):
     ]
     assert query("SELECT start_time, end_time FROM ehr.encounter WHERE encounter_id = 'example'") == [(None, None)]
     # Observations whose subject is not a Patient (a Group, a Device...) stay raw only, and are reported.
-    assert counts["not_normalized"]["Observation"]["no-patient"] > 0
+    assert counts["by_type"]["Observation"]["excluded_reasons"]["no-patient"] > 0
     # Date-only periods ('2013-03-11' .. '2013-03-20' in Encounter-f203) are read as midnight UTC.
     assert query("SELECT start_time, end_time FROM ehr.encounter WHERE encounter_id = 'f203'") == [
         (dt.datetime(2013, 3, 11, tzinfo=dt.UTC), dt.datetime(2013, 3, 20, tzinfo=dt.UTC))
     ]
+
+
+def test_every_resource_is_normalized_or_excluded_per_type(synthea_db, synthea_export):
+    """read = normalized + excluded + quarantined + unchanged, per type, in the counts and in the database."""
+    url, result = synthea_db
+    stored = {
+        t: (read, normalized, excluded, quarantined, unchanged)
+        for t, read, normalized, excluded, quarantined, unchanged in run_sql(
+            url,
+            "SELECT resource_type, read, normalized, excluded, quarantined, unchanged FROM ops.ingest_type_count "
+            "WHERE run_id = %s",
+            (result.run_id,),
+        )
+    }
+    expected = {
+        t: (len(rows), len(rows), 0, 0, 0) if t in EHR_TABLE_OF else (len(rows), 0, len(rows), 0, 0)
+        for t, rows in synthea_export.items()
+    }
+    assert stored == expected
+    assert dict(
+        run_sql(
+            url,
+            "SELECT resource_type, resources FROM ops.ingest_exclusion WHERE run_id = %s AND reason = 'not-modelled'",
+            (result.run_id,),
+        )
+    ) == {t: len(rows) for t, rows in synthea_export.items() if t not in EHR_TABLE_OF}
+    assert result.counts["excluded_reasons"] == {"not-modelled": sum(v[2] for v in expected.values())}

@@ -270,3 +270,79 @@ def test_validate_command_exits_non_zero_naming_table_expectation_and_rows(plant
         timeout=120,
     )
     assert accepted.returncode == 0 and "accepted by steward" in accepted.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Times in the future: critical, whether or not the export has a transactionTime
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_planted_future_event_rejects_the_run(planted):
+    url, _, settings = planted  # Synthea-100 has no manifest: the bound is when the run started (+ tolerance)
+    run_sql(
+        url,
+        "UPDATE ehr.observation SET effective_time = now() + interval '3 days' WHERE observation_id = "
+        "(SELECT min(observation_id) FROM ehr.observation)",
+    )
+    verdict = _check(url, settings, "not_in_the_future", "critical", 1, "cross_table.observation")
+    assert "cross_table.observation: not_in_the_future" in verdict.message()
+
+
+def test_an_event_within_the_clock_tolerance_is_not_in_the_future(planted):
+    url, _, settings = planted
+    run_sql(
+        url,
+        "UPDATE ehr.observation o SET effective_time = r.started_at + interval '1 minute' FROM ops.ingest_run r "
+        "WHERE r.run_id = o.run_id AND o.observation_id = (SELECT min(observation_id) FROM ehr.observation)",
+    )
+    assert validate(url, settings, data_docs=False).success
+    verdict = validate(url, settings.with_overrides(dq_future_tolerance_s=30), data_docs=False)
+    assert [(f.suite, f.expectation, f.unexpected_count) for f in verdict.critical_failures] == [
+        ("cross_table.observation", "not_in_the_future", 1)
+    ]
+
+
+def test_planted_future_transaction_time_rejects_the_run(planted):
+    url, run_id, settings = planted
+    run_sql(url, "UPDATE ops.ingest_run SET transaction_time = started_at + interval '2 days' WHERE run_id = %s",
+            (run_id,))  # fmt: skip
+    _check(url, settings, "transaction_time_not_in_future", "critical", 1, "ingest")
+
+
+def test_planted_future_last_updated_rejects_the_run(planted):
+    url, _, settings = planted
+    run_sql(
+        url,
+        "UPDATE fhir.resource SET last_updated = now() + interval '1 day' WHERE (resource_type, resource_id) IN "
+        "(SELECT resource_type, resource_id FROM fhir.resource ORDER BY 1, 2 LIMIT 2)",
+    )
+    _check(url, settings, "last_updated_not_in_future", "critical", 2, "fhir.resource")
+
+
+def test_planted_future_death_rejects_the_run(planted):
+    url, _, settings = planted
+    run_sql(
+        url,
+        "UPDATE ehr.patient SET death_time = now() + interval '10 days', deceased = true "
+        "WHERE patient_id = (SELECT min(patient_id) FROM ehr.patient WHERE NOT deceased)",
+    )
+    _check(url, settings, "not_in_the_future", "critical", 1, "ehr.patient")
+
+
+def test_an_export_with_a_future_event_is_loaded_then_rejected_by_the_gate(db_url, settings, tmp_path):
+    """End to end: the event is valid FHIR, so ingest loads it; the gate rejects the run and says why."""
+    from tests.test_ingest_bad_input import base_files, dump, observation, write_export
+
+    files = base_files()
+    files["Observation.ndjson"].append(
+        dump(observation("o9", "p2", "e3", "2823-3", "Potassium", 4.1, "mmol/L", "2999-01-01T00:00:00Z"))
+    )
+    result = ingest(str(write_export(tmp_path / "export", files)), settings, url=db_url)
+    assert result.counts["quarantined"] == 0 and result.counts["normalized"] == 11
+    verdict = validate(db_url, settings, result.run_id, data_docs=False)
+    assert not verdict.success
+    assert [(f.suite, f.expectation, f.unexpected_count) for f in verdict.critical_failures] == [
+        ("cross_table.observation", "not_in_the_future", 1)
+    ]
+    assert "cross_table.observation: not_in_the_future" in verdict.message() and "1 rows" in verdict.message()
+    assert run_sql(db_url, "SELECT status FROM ops.ingest_run WHERE run_id = %s", (result.run_id,)) == [("rejected",)]

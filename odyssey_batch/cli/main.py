@@ -135,19 +135,31 @@ def db_status(json_output: JsonOption = False) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- ingest
+def _excluded_text(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n:,}" for reason, n in reasons.items())
+
+
 def _print_ingest_summary(result: dict[str, Any]) -> None:
     rows = [
-        [t, c["records"], c["loaded"], c["unchanged"], c["quarantined"]]
+        [t, c["records"], c["normalized"], c["excluded"], _excluded_text(c["excluded_reasons"]), c["unchanged"],
+         c["quarantined"]]
         for t, c in sorted(result.get("by_type", {}).items())
-    ]
+    ]  # fmt: skip
     console.print(table(f"Ingest run {result['run_id']}: {result['source']}",
-                        ["resource type", "read", "loaded", "unchanged", "quarantined"], rows))  # fmt: skip
+                        ["resource type", "read", "normalized", "excluded", "excluded because", "unchanged",
+                         "quarantined"], rows))  # fmt: skip
     console.print(
         f"\n[bold]{result['records']:,}[/] resources read = [green]{result['loaded']:,} loaded[/] "
-        f"({result['inserted']:,} new, {result['updated']:,} updated) + {result['unchanged']:,} unchanged + "
+        f"([green]{result['normalized']:,} normalized[/] + {result['excluded']:,} excluded; "
+        f"{result['inserted']:,} new, {result['updated']:,} updated) + {result['unchanged']:,} unchanged + "
         f"[{'red' if result['quarantined'] else 'green'}]{result['quarantined']:,} quarantined[/]"
         f" in {result['seconds']:.1f} s ({result['resources_per_s']:,.0f} resources/s)."
     )
+    if result.get("excluded_reasons"):
+        console.print(
+            f"Excluded (kept raw in fhir.resource, no ehr.* row): {_excluded_text(result['excluded_reasons'])} "
+            "(not-modelled: a type with no ehr table)."
+        )
     if result.get("quarantine_reasons"):
         reasons = ", ".join(f"{k} {v:,}" for k, v in result["quarantine_reasons"].items())
         console.print(f"Quarantine reasons: {reasons}. Inspect: odyssey-batch quarantine --run-id {result['run_id']}")
@@ -155,13 +167,13 @@ def _print_ingest_summary(result: dict[str, Any]) -> None:
         for m in result["manifest_mismatches"]:
             console.print(f"[yellow]manifest count mismatch:[/] {m['file']}: manifest says {m['manifest_count']:,}, "
                           f"read {m['records']:,}")  # fmt: skip
-    normalized = result.get("normalized", {})
-    if normalized:
-        console.print("Normalized rows written: " + ", ".join(f"ehr.{k} {v:,}" for k, v in normalized.items()))
-    for key, label in (("unresolved_encounter_refs", "encounter references that resolve nowhere (cleared)"),
-                       ("unresolved_medication_refs", "medication references that resolve nowhere")):  # fmt: skip
-        if result.get(key):
-            console.print(f"[yellow]{result[key]:,} {label}[/]")
+    written = result.get("rows_written", {})
+    if written:
+        console.print("Normalized rows written: " + ", ".join(f"ehr.{k} {v:,}" for k, v in written.items()))
+    if result.get("unresolved_encounter_refs"):
+        console.print(
+            f"[yellow]{result['unresolved_encounter_refs']:,} encounter references that resolve nowhere (cleared)[/]"
+        )
 
 
 @app.command()
@@ -231,7 +243,8 @@ def runs(
             "status": r[2],
             "started_at": r[3],
             "finished_at": r[4],
-            **{k: r[5].get(k) for k in ("records", "loaded", "unchanged", "quarantined")},
+            **{k: r[5].get(k) for k in ("records", "loaded", "normalized", "excluded", "unchanged", "quarantined")},
+            "excluded_reasons": r[5].get("excluded_reasons"),
             "error": r[6],
         }
         for r in rows
@@ -239,11 +252,12 @@ def runs(
     if json_output:
         emit_json(data)
         return
-    columns = ["run", "status", "started", "read", "loaded", "unchanged", "quarantined", "source"]
+    columns = ["run", "status", "started", "read", "normalized", "excluded", "unchanged", "quarantined",
+               "excluded because", "source"]  # fmt: skip
     rendered = [
         [d["run_id"], d["status"], f"{d['started_at']:%Y-%m-%d %H:%M}"]
-        + [d[k] or 0 for k in ("records", "loaded", "unchanged", "quarantined")]
-        + [d["source"]]
+        + [d[k] or 0 for k in ("records", "normalized", "excluded", "unchanged", "quarantined")]
+        + [_excluded_text(d["excluded_reasons"] or {}), d["source"]]
         for d in data
     ]
     console.print(table("Ingest runs", columns, rendered))

@@ -4,9 +4,16 @@ A CodeableConcept may carry several codings in any order. We pick by system, not
 systems for the resource type first (e.g. LOINC for observations), then any other coding with a code. Known
 system URIs get short names, which later become token prefixes (``LOINC:2160-0``); codings with no system
 are ``LOCAL``; other systems keep their URI so that nothing collides and data-quality checks can see them.
+
+A concept with no coding but a ``text`` (``{"text": "Aspirin 81 mg tablet"}``, common in feeds that send free
+text) is kept, unless the settings say otherwise (``ODYSSEY_KEEP_TEXT_CODES=false``): its code system is
+``TEXT`` and its code the normalized text (lower-cased, whitespace collapsed, at most ``TEXT_CODE_LENGTH``
+characters), so that the same free text always gives the same code; the display keeps the original text.
 """
 
 from __future__ import annotations
+
+import re
 
 SYSTEM_NAMES: dict[str, str] = {
     "http://snomed.info/sct": "SNOMED",
@@ -22,6 +29,9 @@ SYSTEM_NAMES: dict[str, str] = {
     "http://hl7.org/fhir/sid/cvx": "CVX",
 }
 LOCAL = "LOCAL"
+TEXT = "TEXT"
+TEXT_CODE_LENGTH = 120
+_WHITESPACE = re.compile(r"\s+")
 UCUM = "http://unitsofmeasure.org"
 
 PREFERRED: dict[str, tuple[str, ...]] = {
@@ -39,11 +49,15 @@ def system_name(uri: str | None) -> str:
     return SYSTEM_NAMES.get(uri, uri)
 
 
+def _codings_with_code(concept: object) -> list[dict]:
+    if not isinstance(concept, dict):
+        return []
+    return [c for c in concept.get("coding") or () if isinstance(c, dict) and c.get("code")]
+
+
 def pick_coding(concept: object, kind: str) -> tuple[str, str, str | None] | None:
     """``(code_system, code, display)`` of the best coding of a CodeableConcept, or None if none has a code."""
-    if not isinstance(concept, dict):
-        return None
-    codings = [c for c in concept.get("coding") or () if isinstance(c, dict) and c.get("code")]
+    codings = _codings_with_code(concept)
     if not codings:
         return None
     preference = PREFERRED.get(kind, ())
@@ -56,6 +70,28 @@ def pick_coding(concept: object, kind: str) -> tuple[str, str, str | None] | Non
     _, best = min(enumerate(codings), key=rank)
     display = best.get("display") or concept.get("text")
     return system_name(best.get("system")), str(best["code"]), display
+
+
+def text_code(text: object) -> str | None:
+    """The code of a free-text concept: lower-cased, whitespace collapsed, truncated; None for no text."""
+    if not isinstance(text, str):
+        return None
+    code = _WHITESPACE.sub(" ", text).strip().lower()[:TEXT_CODE_LENGTH].rstrip()
+    return code or None
+
+
+def only_text(concept: object) -> bool:
+    """True when a CodeableConcept has no coding with a code but a non-blank ``text``."""
+    return isinstance(concept, dict) and not _codings_with_code(concept) and text_code(concept.get("text")) is not None
+
+
+def pick_code(concept: object, kind: str, keep_text: bool = True) -> tuple[str, str, str | None] | None:
+    """Like ``pick_coding``, falling back to the concept's free text as a ``TEXT`` code when ``keep_text``."""
+    picked = pick_coding(concept, kind)
+    if picked is not None or not keep_text or not isinstance(concept, dict):
+        return picked
+    code = text_code(concept.get("text"))
+    return (TEXT, code, concept["text"].strip()) if code is not None else None
 
 
 def first_code(concept: object) -> str | None:

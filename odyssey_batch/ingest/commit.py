@@ -1,17 +1,28 @@
 """Merging a staged run into the warehouse, in one transaction.
 
 Until this transaction commits, analysts see nothing of the run; if it fails or the process is killed, Postgres
-rolls it back and the staged rows wait to be purged by the next run. The steps:
+rolls it back and the staged rows wait to be purged by the next run. Merges are serialized: the transaction
+first takes a transaction-level advisory lock (``MERGE_LOCK``), so that two ingests of different exports stage
+in parallel but merge one after the other, each seeing what the other committed. The steps:
 
 1. orphans: resources whose patient is neither in this export nor in the warehouse are quarantined;
 2. duplicates inside the export: the newest version of each (type, id) wins (``meta.lastUpdated``, then a
    numeric ``meta.versionId``, then file order); identical copies count as unchanged, others are quarantined
    as superseded;
 3. against the warehouse: identical resources are unchanged; older versions than the stored one are
-   quarantined as stale; the rest replace or add to ``fhir.resource``;
+   quarantined as stale; the rest replace or add to ``fhir.resource``. Which version is older: by
+   ``meta.lastUpdated`` when both have one, else by a numeric ``meta.versionId`` when both have one, else by
+   their *version times*: ``meta.lastUpdated``, or for a resource without it the ``transactionTime`` of the
+   export that brought it, or when that is missing too the time its run started (when it was received). Equal
+   times: the later run wins. So an older export ingested after a newer one never overwrites it, with or
+   without ``meta``;
 4. ``medicationReference`` is resolved to the Medication's code; encounter references that resolve nowhere
    are cleared (and counted); the normalized ``ehr.*`` rows are upserted;
-5. the quarantine is published, the counts are reconciled (records = loaded + quarantined + unchanged) and the
+5. every loaded resource is accounted for: normalized into its ``ehr`` table, or excluded with a reason (a
+   modelled type without a usable code or patient, see ``normalize.EXCLUSION_REASONS``; ``not-modelled`` for the
+   types kept raw only). Per type, read = normalized + excluded + quarantined + unchanged; the counts go to
+   ``ops.ingest_type_count`` and ``ops.ingest_exclusion``;
+6. the quarantine is published, the counts are reconciled (records = loaded + quarantined + unchanged) and the
    run is marked succeeded.
 """
 
@@ -25,15 +36,21 @@ import psycopg2.extensions
 from psycopg2.extras import execute_values
 
 from odyssey_batch.ingest import codes
-from odyssey_batch.ingest.normalize import EHR_TABLES
+from odyssey_batch.ingest.normalize import EHR_TABLES, EXCLUSION_REASONS, NOT_MODELLED
 
 
 class RunStateError(RuntimeError):
     pass
 
 
+# The transaction-level advisory lock that serializes merges (any constant; this one spells "odyssey").
+MERGE_LOCK = 0x6F64797373657921
+
 # A numeric meta.versionId, for ordering versions when lastUpdated is missing.
 _VERSION_NUM = "CASE WHEN {t}.version_id ~ '^[0-9]{{1,18}}$' THEN {t}.version_id::bigint END"
+# The version time of a resource of run {run}: its meta.lastUpdated, else its export's transactionTime, else
+# when its run started.
+_VERSION_TIME = "coalesce({t}.last_updated, {run}.transaction_time, {run}.started_at)"
 
 _ORPHANS = """
 CREATE TEMP TABLE run_known_patient ON COMMIT DROP AS
@@ -81,13 +98,24 @@ SELECT s.file_no, s.line_no, s.resource_type,
        CASE WHEN s.body = r.body THEN 'unchanged'
             WHEN s.last_updated IS NOT NULL AND r.last_updated IS NOT NULL
                  THEN CASE WHEN s.last_updated < r.last_updated THEN 'stale' ELSE 'newer' END
-            WHEN {_VERSION_NUM.format(t="s")} < {_VERSION_NUM.format(t="r")} THEN 'stale'
+            WHEN {_VERSION_NUM.format(t="s")} IS NOT NULL AND {_VERSION_NUM.format(t="r")} IS NOT NULL
+                 THEN CASE WHEN {_VERSION_NUM.format(t="s")} < {_VERSION_NUM.format(t="r")}
+                           THEN 'stale' ELSE 'newer' END
+            WHEN {_VERSION_TIME.format(t="s", run="this_run")} < {_VERSION_TIME.format(t="r", run="stored_run")}
+                 THEN 'stale'
             ELSE 'newer' END AS verdict,
-       format('%%s/%%s version %%s (lastUpdated %%s) is older than the stored version %%s (lastUpdated %%s)',
+       format('%%s/%%s version %%s (lastUpdated %%s) is older than the stored version %%s (lastUpdated %%s)%%s',
               s.resource_type, s.resource_id, coalesce(s.version_id, '-'), coalesce(s.last_updated::text, '-'),
-              coalesce(r.version_id, '-'), coalesce(r.last_updated::text, '-')) AS error
+              coalesce(r.version_id, '-'), coalesce(r.last_updated::text, '-'),
+              CASE WHEN s.last_updated IS NULL OR r.last_updated IS NULL THEN
+                  format('; version times %%s and %%s (lastUpdated, else the transactionTime of the export, '
+                         'else when it was received)', {_VERSION_TIME.format(t="s", run="this_run")},
+                         {_VERSION_TIME.format(t="r", run="stored_run")})
+              ELSE '' END) AS error
 FROM staging.resource s
 JOIN fhir.resource r USING (resource_type, resource_id)
+JOIN ops.ingest_run this_run ON this_run.run_id = s.run_id
+JOIN ops.ingest_run stored_run ON stored_run.run_id = r.run_id
 WHERE s.run_id = %(run)s;
 DELETE FROM run_existing WHERE verdict = 'newer';
 """
@@ -151,43 +179,50 @@ def _table_columns(cur: psycopg2.extensions.cursor, table: str) -> list[str]:
     return [row[0] for row in cur.fetchall()]
 
 
-def _resolve_medications(cur: psycopg2.extensions.cursor, run: dict[str, int]) -> int:
-    """Fill the code of MedicationRequests that reference a Medication; return how many stay unresolved."""
+def _resolve_medications(cur: psycopg2.extensions.cursor, run: dict[str, int], keep_text_codes: bool) -> None:
+    """Fill the code of MedicationRequests that reference a Medication; exclude the others with the reason:
+    ``unresolved-medication`` (no such Medication in the warehouse), ``medication-without-code`` (e.g. a mix
+    of ingredients) or ``text-only-code`` (free text, not kept)."""
     cur.execute(
         """SELECT DISTINCT medication_ref FROM staging.resource
            WHERE run_id = %(run)s AND resource_type = 'MedicationRequest' AND medication_ref IS NOT NULL""",
         run,
     )
     refs = [row[0] for row in cur.fetchall()]
+    cur.execute(
+        "CREATE TEMP TABLE run_medication (medication_id text PRIMARY KEY, coded jsonb, reason text) ON COMMIT DROP"
+    )
     if refs:
         cur.execute(
             "SELECT resource_id, body FROM fhir.resource WHERE resource_type = 'Medication' AND resource_id = ANY(%s)",
             (refs,),
         )
-        resolved = []
+        medications = []
         for medication_id, body in cur.fetchall():
-            picked = codes.pick_coding(body.get("code"), "Medication")
+            concept = body.get("code")
+            picked = codes.pick_code(concept, "Medication", keep_text_codes)
             if picked is not None:
                 coded = dict(zip(("code_system", "code", "display"), picked, strict=True))
-                resolved.append((medication_id, orjson.dumps(coded).decode()))
-        cur.execute("CREATE TEMP TABLE run_medication (medication_id text PRIMARY KEY, coded jsonb) ON COMMIT DROP")
-        execute_values(cur, "INSERT INTO run_medication VALUES %s", resolved)
+                medications.append((medication_id, orjson.dumps(coded).decode(), None))
+            else:
+                reason = "text-only-code" if codes.only_text(concept) else "medication-without-code"
+                medications.append((medication_id, None, reason))
+        if medications:
+            execute_values(cur, "INSERT INTO run_medication VALUES %s", medications)
         cur.execute(
             """UPDATE staging.resource s SET ehr = s.ehr || m.coded FROM run_medication m
                WHERE s.run_id = %(run)s AND s.resource_type = 'MedicationRequest'
-                 AND s.medication_ref = m.medication_id""",
+                 AND s.medication_ref = m.medication_id AND m.coded IS NOT NULL""",
             run,
         )
     cur.execute(
-        """WITH unresolved AS (
-               UPDATE staging.resource SET ehr = NULL, ehr_skipped = 'unresolved-medication'
-               WHERE run_id = %(run)s AND resource_type = 'MedicationRequest' AND ehr IS NOT NULL
-                 AND ehr->>'code' IS NULL
-               RETURNING 1)
-           SELECT count(*) FROM unresolved""",
+        """UPDATE staging.resource s SET ehr = NULL, ehr_skipped = coalesce(
+                      (SELECT m.reason FROM run_medication m WHERE m.medication_id = s.medication_ref),
+                      'unresolved-medication')
+           WHERE s.run_id = %(run)s AND s.resource_type = 'MedicationRequest' AND s.ehr IS NOT NULL
+             AND s.ehr->>'code' IS NULL""",
         run,
     )
-    return cur.fetchone()[0]
 
 
 def _upsert_ehr_types(cur: psycopg2.extensions.cursor, run: dict[str, int], types: tuple[str, ...]) -> dict[str, int]:
@@ -237,10 +272,69 @@ def _upsert_components(cur: psycopg2.extensions.cursor, run: dict[str, int]) -> 
     return cur.rowcount
 
 
-def commit_run(conn: psycopg2.extensions.connection, run_id: int) -> dict[str, Any]:
-    """Merge the staged run into the warehouse and return its reconciled counts. One transaction."""
+def _account(
+    cur: psycopg2.extensions.cursor, run_id: int, loaded: Counter[str], written: dict[str, int]
+) -> tuple[Counter[str], dict[str, Counter[str]]]:
+    """Normalized resources per type and excluded ones per type and reason, from the run's loaded rows; raises
+    when a resource is neither, or when the counts disagree with what was written."""
+    cur.execute(
+        """SELECT resource_type, ehr IS NOT NULL, ehr_skipped, count(*) FROM staging.resource
+           WHERE run_id = %s GROUP BY 1, 2, 3""",
+        (run_id,),
+    )
+    normalized: Counter[str] = Counter()
+    excluded: dict[str, Counter[str]] = defaultdict(Counter)
+    for resource_type, has_row, reason, n in cur.fetchall():
+        if resource_type not in EHR_TABLES:
+            excluded[resource_type][NOT_MODELLED] += n
+        elif has_row:
+            normalized[resource_type] += n
+        elif reason in EXCLUSION_REASONS:
+            excluded[resource_type][reason] += n
+        else:
+            raise RuntimeError(
+                f"ingest run {run_id}: {n} {resource_type} resources have neither a row nor a known reason ({reason})"
+            )
+    for resource_type, table in EHR_TABLES.items():
+        if normalized[resource_type] != written.get(table, 0):
+            raise RuntimeError(
+                f"ingest run {run_id} does not reconcile: {normalized[resource_type]} {resource_type} resources "
+                f"normalized but {written.get(table, 0)} rows written to ehr.{table}"
+            )
+    for resource_type, n in loaded.items():
+        accounted = normalized[resource_type] + sum(excluded[resource_type].values())
+        if n != accounted:
+            raise RuntimeError(
+                f"ingest run {run_id} does not reconcile: {n} {resource_type} resources loaded but "
+                f"{normalized[resource_type]} normalized + {accounted - normalized[resource_type]} excluded"
+            )
+    return normalized, excluded
+
+
+def _record_accounting(cur: psycopg2.extensions.cursor, run_id: int, by_type: dict[str, dict[str, Any]]) -> None:
+    execute_values(
+        cur,
+        """INSERT INTO ops.ingest_type_count
+               (run_id, resource_type, read, normalized, excluded, quarantined, unchanged) VALUES %s""",
+        [
+            (run_id, t, c["records"], c["normalized"], c["excluded"], c["quarantined"], c["unchanged"])
+            for t, c in by_type.items()
+        ],
+    )
+    exclusions = [(run_id, t, reason, n) for t, c in by_type.items() for reason, n in c["excluded_reasons"].items()]
+    if exclusions:
+        execute_values(
+            cur, "INSERT INTO ops.ingest_exclusion (run_id, resource_type, reason, resources) VALUES %s", exclusions
+        )
+
+
+def commit_run(conn: psycopg2.extensions.connection, run_id: int, *, keep_text_codes: bool = True) -> dict[str, Any]:
+    """Merge the staged run into the warehouse and return its reconciled counts. One transaction, serialized
+    with every other merge. ``keep_text_codes``: whether a Medication whose code is free text only gives its
+    MedicationRequests a ``TEXT`` code (as staging did for the codes inside the resources)."""
     run = {"run": run_id}
     with conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (MERGE_LOCK,))
         cur.execute("SELECT status FROM ops.ingest_run WHERE run_id = %s FOR UPDATE", (run_id,))
         row = cur.fetchone()
         if row is None:
@@ -272,22 +366,14 @@ def commit_run(conn: psycopg2.extensions.connection, run_id: int) -> dict[str, A
             inserted[resource_type] += n_inserted
             updated[resource_type] += n_updated
 
-        unresolved_medications = _resolve_medications(cur, run)
+        _resolve_medications(cur, run, keep_text_codes)
         # Parents first; then encounter references that resolve nowhere are cleared; then the clinical rows.
         written = _upsert_ehr_types(cur, run, ("Patient", "Encounter"))
         cur.execute(_CLEAR_UNRESOLVED_ENCOUNTERS, run)
         unresolved_encounters = cur.fetchone()[0]
         written.update(_upsert_ehr_types(cur, run, tuple(t for t in EHR_TABLES if t not in ("Patient", "Encounter"))))
+        normalized, excluded = _account(cur, run_id, inserted + updated, written)
         written["observation_component"] = _upsert_components(cur, run)
-
-        cur.execute(
-            """SELECT resource_type, ehr_skipped, count(*) FROM staging.resource
-               WHERE run_id = %(run)s AND ehr_skipped IS NOT NULL GROUP BY 1, 2""",
-            run,
-        )
-        not_normalized: dict[str, dict[str, int]] = defaultdict(dict)
-        for resource_type, reason, n in cur.fetchall():
-            not_normalized[resource_type][reason] = n
 
         cur.execute(_PUBLISH_QUARANTINE, run)
         cur.execute(
@@ -317,29 +403,39 @@ def commit_run(conn: psycopg2.extensions.connection, run_id: int) -> dict[str, A
                 f"{quarantined} quarantined + {n_unchanged} unchanged"
             )
         types = sorted(set(inserted) | set(updated) | set(unchanged) | set(quarantined_by_type))
+        # Per type: read = normalized + excluded + quarantined + unchanged (loaded = normalized + excluded).
+        by_type = {
+            t: {
+                "records": inserted[t] + updated[t] + unchanged[t] + quarantined_by_type[t],
+                "loaded": inserted[t] + updated[t],
+                "normalized": normalized[t],
+                "excluded": sum(excluded[t].values()),
+                "excluded_reasons": dict(sorted(excluded[t].items())),
+                "unchanged": unchanged[t],
+                "quarantined": quarantined_by_type[t],
+            }
+            for t in types
+        }
+        excluded_reasons: Counter[str] = Counter()
+        for by_reason in excluded.values():
+            excluded_reasons.update(by_reason)
         counts: dict[str, Any] = {
             "records": records,
             "loaded": loaded,
             "inserted": sum(inserted.values()),
             "updated": sum(updated.values()),
+            "normalized": sum(normalized.values()),
+            "excluded": sum(excluded_reasons.values()),
             "unchanged": n_unchanged,
             "quarantined": quarantined,
             "file_problems": file_problems,
             "quarantine_reasons": dict(sorted(reasons.items())),
-            "by_type": {
-                t: {
-                    "records": inserted[t] + updated[t] + unchanged[t] + quarantined_by_type[t],
-                    "loaded": inserted[t] + updated[t],
-                    "unchanged": unchanged[t],
-                    "quarantined": quarantined_by_type[t],
-                }
-                for t in types
-            },
-            "normalized": written,
-            "not_normalized": dict(not_normalized),
+            "excluded_reasons": dict(sorted(excluded_reasons.items())),
+            "by_type": by_type,
+            "rows_written": written,
             "unresolved_encounter_refs": unresolved_encounters,
-            "unresolved_medication_refs": unresolved_medications,
         }
+        _record_accounting(cur, run_id, by_type)
         purge_staging(cur, run_id)
         cur.execute(
             """UPDATE ops.ingest_run SET status = 'succeeded', finished_at = now(), counts = counts || %s::jsonb

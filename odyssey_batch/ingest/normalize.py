@@ -2,6 +2,10 @@
 
 Pure functions over the resource's JSON (a dict). References are resolved to ids here; whether the referenced
 patient and encounter exist is checked later, when the whole run is known (files may come in any order).
+
+A resource of a type with an ``ehr`` table either gets its row or says why not (``Normalized.skipped``), one of
+``EXCLUSION_REASONS``; the merge adds the reasons only it can know (see ``commit.py``). Every resource is thus
+accounted for: normalized, or excluded with a reason.
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ EHR_TABLES: dict[str, str] = {
 }
 
 
+# Why a loaded resource gets no ehr row (it stays raw in fhir.resource): the reasons of ops.ingest_exclusion.
+NOT_MODELLED = "not-modelled"
+EXCLUSION_REASONS = {
+    NOT_MODELLED: "its type has no ehr table",
+    "no-patient": "its subject is not a Patient (a Group, a Device, a Location...)",
+    "no-code": "its code (or medication) has neither a coding with a code nor a text",
+    "text-only-code": "its code is free text only, and ODYSSEY_KEEP_TEXT_CODES is false",
+    "unresolved-medication": "its medicationReference resolves to no Medication",
+    "medication-without-code": "the Medication it references has no code (e.g. a mix of ingredients)",
+}
+
+
 class UnresolvablePatient(ValueError):
     """The resource points at a patient through a reference that names no resolvable id."""
 
@@ -45,6 +61,7 @@ class Normalized:
 class Context:
     default_tz: str = "UTC"
     full_urls: Mapping[str, tuple[str, str]] | None = None  # Bundle fullUrl -> (type, id)
+    keep_text_codes: bool = True  # a concept with only a text becomes a TEXT code (see codes.py)
 
     def resolve(self, element: object) -> Target | None:
         return resolve(reference_of(element), self.full_urls)
@@ -73,12 +90,14 @@ def _ts(value: str | None, ctx: Context) -> str | None:
     return fhirtime.to_timestamp(value, ctx.default_tz)
 
 
-def _coded(resource: dict, kind: str, element: str = "code", out: Normalized | None = None) -> dict[str, Any] | None:
+def _coded(resource: dict, kind: str, ctx: Context, element: str = "code",
+           out: Normalized | None = None) -> dict[str, Any] | None:  # fmt: skip
     """The chosen coding as row fields; when there is none, None (and ``out`` records why)."""
-    picked = codes.pick_coding(resource.get(element), kind)
+    concept = resource.get(element)
+    picked = codes.pick_code(concept, kind, ctx.keep_text_codes)
     if picked is None:
         if out is not None:
-            out.skipped = "no-code"
+            out.skipped = "text-only-code" if codes.only_text(concept) else "no-code"
         return None
     system, code, display = picked
     return {"code_system": system, "code": code, "display": display}
@@ -98,7 +117,7 @@ def _patient(r: dict, ctx: Context, out: Normalized) -> dict | None:
 def _encounter(r: dict, ctx: Context, out: Normalized) -> dict | None:
     klass = r.get("class")
     types = r.get("type") or []
-    picked = codes.pick_coding(types[0], "Encounter") if types else None
+    picked = codes.pick_code(types[0], "Encounter", ctx.keep_text_codes) if types else None
     period = r.get("period")
     return {
         "encounter_id": r["id"],
@@ -113,7 +132,7 @@ def _encounter(r: dict, ctx: Context, out: Normalized) -> dict | None:
 
 
 def _condition(r: dict, ctx: Context, out: Normalized) -> dict | None:
-    coded = _coded(r, "Condition", out=out)
+    coded = _coded(r, "Condition", ctx, out=out)
     if coded is None:
         return None
     onset = r.get("onsetDateTime") or fhirtime.period_start(r.get("onsetPeriod"))
@@ -129,7 +148,7 @@ def _condition(r: dict, ctx: Context, out: Normalized) -> dict | None:
 
 
 def _procedure(r: dict, ctx: Context, out: Normalized) -> dict | None:
-    coded = _coded(r, "Procedure", out=out)
+    coded = _coded(r, "Procedure", ctx, out=out)
     if coded is None:
         return None
     performed = r.get("performedDateTime") or fhirtime.period_start(r.get("performedPeriod"))
@@ -156,22 +175,26 @@ def _medication_request(r: dict, ctx: Context, out: Normalized) -> dict | None:
         "intent": r.get("intent"),
         "medication_id": None,
     }
-    if "medicationCodeableConcept" in r:
-        coded = _coded(r, "Medication", "medicationCodeableConcept")
-    else:
-        target = ctx.resolve(r.get("medicationReference"))
-        coded = None
-        if target is not None and target.contained:
-            medication = _contained(r, target)
-            coded = _coded(medication, "Medication") if medication else None
-        elif target is not None and target.resource_type == "Medication":
-            row["medication_id"] = target.resource_id
-            out.medication_ref = target.resource_id
-            return row  # code filled in when the run is committed and all Medications are known
-    if coded is None:
-        out.skipped = "no-code"
+    if "medicationCodeableConcept" in r or "medicationReference" not in r:
+        coded = _coded(r, "Medication", ctx, "medicationCodeableConcept", out)
+        return {**row, **coded} if coded is not None else None
+    target = ctx.resolve(r.get("medicationReference"))
+    if target is not None and target.contained:
+        medication = _contained(r, target)
+        if medication is None:
+            out.skipped = "unresolved-medication"
+            return None
+        coded = _coded(medication, "Medication", ctx, out=out)
+        if coded is None:
+            out.skipped = "medication-without-code" if out.skipped == "no-code" else out.skipped
+            return None
+        return {**row, **coded}
+    if target is None or target.resource_type != "Medication":
+        out.skipped = "unresolved-medication"
         return None
-    return {**row, **coded}
+    row["medication_id"] = target.resource_id
+    out.medication_ref = target.resource_id
+    return row  # code filled in when the run is committed and all Medications are known
 
 
 def _value(element: dict, kind: str) -> tuple[float | None, str | None, str | None]:
@@ -207,7 +230,7 @@ def _category(r: dict) -> str | None:
 
 
 def _observation(r: dict, ctx: Context, out: Normalized) -> dict | None:
-    coded = _coded(r, "Observation", out=out)
+    coded = _coded(r, "Observation", ctx, out=out)
     if coded is None:
         return None
     effective = (
@@ -215,7 +238,7 @@ def _observation(r: dict, ctx: Context, out: Normalized) -> dict | None:
     )
     value_num, unit, value_text = _value(r, "Observation")
     for seq, component in enumerate(r.get("component") or (), start=1):
-        picked = codes.pick_coding(component.get("code"), "Observation")
+        picked = codes.pick_coding(component.get("code"), "Observation")  # components stay coded-only
         if picked is None:
             continue
         c_num, c_unit, c_text = _value(component, "Observation")
@@ -261,7 +284,7 @@ def normalize(resource: dict, ctx: Context) -> Normalized:
         out.encounter_ref = target.resource_id
 
     if kind == "Medication":
-        out.ehr = _coded(resource, "Medication")  # used to resolve medicationReference at commit
+        out.ehr = _coded(resource, "Medication", ctx)  # used to resolve medicationReference at commit
         return out
     builder = _ROW_BUILDERS.get(kind)
     if builder is None:

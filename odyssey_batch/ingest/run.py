@@ -189,7 +189,10 @@ def _jobs(
                 if isinstance(data, ReadProblem):
                     problem = data
                 else:
-                    yield DocumentJob(run_id, file_no, source, data, settings.default_timezone)
+                    yield DocumentJob(
+                        run_id, file_no, source, data, settings.default_timezone,
+                        keep_text_codes=settings.keep_text_codes,
+                    )  # fmt: skip
             else:
                 for chunk in iter_line_chunks(
                     stream, export_file.gzipped, settings.ingest_chunk_lines, progress.advance
@@ -200,7 +203,7 @@ def _jobs(
                     yield LinesJob(
                         run_id, file_no, source, chunk, settings.default_timezone,
                         expected_type=export_file.resource_type,
-                        export_errors=export_file.format == "export-error",
+                        export_errors=export_file.format == "export-error", keep_text_codes=settings.keep_text_codes,
                     )  # fmt: skip
         yield _FileEnd(file_no, export_file, problem)
 
@@ -297,7 +300,7 @@ def ingest(
                         (orjson.dumps({"manifest_mismatches": mismatches}).decode(), run_id),
                     )
             progress.phase("merging into the warehouse")
-            counts = commit_run(conn, run_id)
+            counts = commit_run(conn, run_id, keep_text_codes=settings.keep_text_codes)
             refresh_statistics(conn)
         except BaseException as exc:
             with contextlib.suppress(Exception):  # the database may be the problem; the next run cleans up

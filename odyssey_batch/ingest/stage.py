@@ -35,6 +35,7 @@ class LinesJob:
     lines: list[tuple[int, bytes]]
     default_tz: str = "UTC"
     expected_type: str | None = None
+    keep_text_codes: bool = True  # see codes.py: free-text-only concepts become TEXT codes
     export_errors: bool = False  # a Bulk Data error file: every line is an OperationOutcome to quarantine
 
 
@@ -47,6 +48,7 @@ class DocumentJob:
     source: str
     data: bytes
     default_tz: str = "UTC"
+    keep_text_codes: bool = True
 
 
 @dataclass
@@ -128,7 +130,7 @@ class _Stager:
 
 def process_lines(job: LinesJob) -> ChunkResult:
     stager = _Stager(ChunkResult(job.file_no), job.run_id, job.file_no, job.source)
-    ctx = Context(default_tz=job.default_tz)
+    ctx = Context(default_tz=job.default_tz, keep_text_codes=job.keep_text_codes)
     for line_no, raw in job.lines:
         if job.export_errors:
             stager.result.records += 1
@@ -189,7 +191,8 @@ def process_document(job: DocumentJob) -> ChunkResult:
 
     if not (isinstance(obj, dict) and obj.get("resourceType") == "Bundle"):
         stager.result.document_format = "resource"
-        stager.resource(1, obj, orjson.dumps(obj).decode(), Context(default_tz=job.default_tz), None)
+        ctx = Context(default_tz=job.default_tz, keep_text_codes=job.keep_text_codes)
+        stager.resource(1, obj, orjson.dumps(obj).decode(), ctx, None)
         return stager.finish()
 
     stager.result.document_format = "bundle"
@@ -198,7 +201,7 @@ def process_document(job: DocumentJob) -> ChunkResult:
         stager.reject(1, "invalid-bundle", "Bundle.entry is not a list", text, kind="file",
                       resource_type="Bundle", resource_id=obj.get("id"))  # fmt: skip
         return stager.finish()
-    ctx = Context(default_tz=job.default_tz, full_urls=_bundle_index(entries))
+    ctx = Context(default_tz=job.default_tz, full_urls=_bundle_index(entries), keep_text_codes=job.keep_text_codes)
     for index, entry in enumerate(entries, start=1):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if resource is None:

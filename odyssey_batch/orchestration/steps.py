@@ -61,7 +61,9 @@ def ingest_export(source: str) -> dict[str, Any]:
 
     url, settings = context()
     data = ingest(source, settings, url=url).as_dict()
-    return {k: data.get(k) for k in ("source", "run_id", "status", "records", "loaded", "unchanged", "quarantined")}
+    keys = ("source", "run_id", "status", "records", "loaded", "normalized", "excluded", "excluded_reasons",
+            "unchanged", "quarantined")  # fmt: skip
+    return {k: data.get(k) for k in keys}
 
 
 def quality_gate() -> dict[str, Any]:

@@ -5,6 +5,11 @@ run's bookkeeping. A check is either a built-in Great Expectations expectation (
 or an ``UnexpectedRowsExpectation``: SQL that selects the offending rows from ``{batch}``, naming **ids
 only**, so that stored samples never hold names, values or other identifiers. ``critical`` failures reject
 the run; ``warning`` failures are reported and stored.
+
+Times in the future are critical: an event, a birth or death, a ``meta.lastUpdated`` or the manifest's
+``transactionTime`` later than when the run started (the export was received), beyond
+``Thresholds.future_tolerance_s`` for clock drift; events also may not lie after the export's
+``transactionTime``. One such time would otherwise move every label's censoring horizon.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ class Thresholds:
     code_systems: tuple[str, ...]
     max_quarantine_rate: float
     max_volume_drop: float
+    future_tolerance_s: int = 300  # how far after the run's start a time may lie (clock drift)
+
+    def received_by(self, run: str = "r.") -> str:
+        """SQL for the latest plausible time of a run's rows: when it started, plus the tolerance. ``run``: how
+        its columns are qualified (GX aliases a batch itself unless the query joins; then name no alias)."""
+        return f"({run}started_at + interval '{int(self.future_tolerance_s)} seconds')"
 
 
 # Clinical event tables: (table, primary key, event time columns).
@@ -156,7 +167,7 @@ def _references(table: str, key: str) -> tuple[Check, ...]:
     return tuple(checks)
 
 
-def _times(table: str, key: str, columns: tuple[str, ...]) -> tuple[Check, ...]:
+def _times(table: str, key: str, columns: tuple[str, ...], thresholds: Thresholds) -> tuple[Check, ...]:
     earliest = f"least({', '.join('b.' + c for c in columns)})"
     latest = f"greatest({', '.join('b.' + c for c in columns)})"
     return (
@@ -177,12 +188,14 @@ def _times(table: str, key: str, columns: tuple[str, ...]) -> tuple[Check, ...]:
             sql=f"SELECT b.{key}, b.patient_id FROM {{batch}} b JOIN ehr.patient p USING (patient_id) "
             f"WHERE p.death_time IS NOT NULL AND {latest} > p.death_time + interval '1 day'",
         ),
+        # least() skips NULL: without a transactionTime, the run's start (plus the tolerance) is the bound.
         Check(
             "not_in_the_future",
             "critical",
-            f"no {table} after the export's transaction time",
+            f"no {table} after the export's transaction time or after the run started "
+            f"(+{thresholds.future_tolerance_s} s)",
             sql=f"SELECT b.{key} FROM {{batch}} b JOIN ops.ingest_run r ON r.run_id = b.run_id "
-            f"WHERE r.transaction_time IS NOT NULL AND {latest} > r.transaction_time",
+            f"WHERE {latest} > least(r.transaction_time, {thresholds.received_by()})",
         ),
     )
 
@@ -201,6 +214,13 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     "critical",
                     "a death time is not before the birth date",
                     sql="SELECT patient_id FROM {batch} WHERE death_time < birth_date - interval '1 day'",
+                ),
+                Check(
+                    "not_in_the_future",
+                    "critical",
+                    f"no birth or death after the run started (+{thresholds.future_tolerance_s} s)",
+                    sql="SELECT b.patient_id FROM {batch} b JOIN ops.ingest_run r ON r.run_id = b.run_id "
+                    f"WHERE greatest(b.birth_date::timestamptz, b.death_time) > {thresholds.received_by()}",
                 ),
                 Check(
                     "gender_known",
@@ -274,8 +294,28 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
         out.append(Suite(f"ehr.{table}", f"ehr.{table}", tuple(checks), key=key))
     for table, (key, columns) in EVENT_TABLES.items():
         out.append(
-            Suite(f"cross_table.{table}", f"ehr.{table}", (*_references(table, key), *_times(table, key, columns)))
+            Suite(
+                f"cross_table.{table}",
+                f"ehr.{table}",
+                (*_references(table, key), *_times(table, key, columns, thresholds)),
+            )
         )
+    out.append(
+        Suite(
+            "fhir.resource",
+            "fhir.resource",
+            (
+                Check(
+                    "last_updated_not_in_future",
+                    "critical",
+                    f"no meta.lastUpdated after the run started (+{thresholds.future_tolerance_s} s)",
+                    sql="SELECT b.resource_type, b.resource_id FROM {batch} b "
+                    "JOIN ops.ingest_run r ON r.run_id = b.run_id "
+                    f"WHERE b.last_updated > {thresholds.received_by()}",
+                ),
+            ),
+        )
+    )
 
     rate = thresholds.max_quarantine_rate
     out.append(
@@ -297,6 +337,12 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     "every file has as many lines as the Bulk Data manifest says",
                     sql="SELECT f.run_id, f.file FROM ops.ingest_file f JOIN {batch} b USING (run_id) "
                     "WHERE f.manifest_count IS NOT NULL AND f.manifest_count <> f.records",
+                ),
+                Check(
+                    "transaction_time_not_in_future",
+                    "critical",
+                    f"the manifest's transactionTime is not after the run started (+{thresholds.future_tolerance_s} s)",
+                    sql=f"SELECT run_id FROM {{batch}} WHERE transaction_time > {thresholds.received_by('')}",
                 ),
                 Check(
                     "manifest_files_present",

@@ -94,7 +94,9 @@ def _finding_dict(f: Finding) -> dict[str, Any]:
 
 def thresholds(settings: Settings) -> Thresholds:
     systems = tuple(s.strip() for s in settings.dq_code_systems.split(",") if s.strip())
-    return Thresholds(systems, settings.dq_max_quarantine_rate, settings.dq_max_volume_drop)
+    return Thresholds(
+        systems, settings.dq_max_quarantine_rate, settings.dq_max_volume_drop, settings.dq_future_tolerance_s
+    )
 
 
 def _latest_run(cur) -> int:
