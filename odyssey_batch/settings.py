@@ -45,6 +45,12 @@ class Settings:
     # Ingest: parallel validation workers (0 = number of CPU cores) and lines per work chunk.
     ingest_workers: int = 0
     ingest_chunk_lines: int = 2000
+    # Ingest limits on what an export may hold (exports come from other systems): the bytes of one resource (an
+    # NDJSON line, or a whole JSON document such as a Bundle, which is parsed in one piece) and the uncompressed
+    # bytes of one file. Larger lines and documents are quarantined as ``too-large`` without being read into memory;
+    # a file is read up to its limit (the lines before it load) and the rest refused as ``file-too-large``.
+    max_resource_bytes: int = 64 << 20
+    max_file_bytes: int = 8 << 30
     # Data-quality gate: code systems allowed in the ehr tables (short names, comma separated), the largest
     # share of a run's lines that may be quarantined, and the largest drop of a table's row count between checks.
     dq_code_systems: str = "SNOMED,LOINC,RXNORM,ICD10CM,ICD10PCS,ICD9CM,CPT,LOCAL"
