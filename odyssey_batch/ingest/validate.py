@@ -66,11 +66,12 @@ def _identity(obj: Any) -> tuple[str | None, str | None]:
 
 def check_depth(obj: Any, limit: int = MAX_DEPTH) -> None:
     """Raise ``Rejected('too-deeply-nested')`` if objects and arrays nest more than ``limit`` levels."""
+    if not isinstance(obj, (dict, list)):
+        return
     stack = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
-        for child in children:
+        for child in value.values() if isinstance(value, dict) else value:
             if isinstance(child, (dict, list)):
                 if depth >= limit:
                     raise Rejected(
