@@ -508,7 +508,7 @@ def test_a_line_over_the_resource_limit_is_quarantined_without_holding_it(run, q
     huge = padded(OBSERVATIONS[2], 3_000_000)
     files["Observation.ndjson"] = [at_limit, over, huge, dump(OBSERVATIONS[3])]
 
-    result = run(files, max_resource_bytes=8192)
+    result = run(files, max_resource_bytes=8192, ingest_workers=2)  # TooLarge crosses to a worker process
 
     rows = quarantine(query, result.run_id)
     assert [where(r) for r in rows] == [

@@ -284,10 +284,11 @@ def ingest(
     location = open_location(source, settings)
     plan = plan_export(location, settings.max_resource_bytes)
     if not plan.files and not plan.missing:
-        refused = f"; {len(plan.refused)} entries refused, e.g. {plan.refused[0].name}: {plan.refused[0].message}"
-        raise FileNotFoundError(
-            f"no FHIR files (*.ndjson[.gz], *.json[.gz]) found in {location.uri}{refused if plan.refused else ''}"
-        )
+        refused = ""
+        if plan.refused:
+            first = plan.refused[0]
+            refused = f"; {len(plan.refused)} entries refused, e.g. {first.name}: {first.message}"
+        raise FileNotFoundError(f"no FHIR files (*.ndjson[.gz], *.json[.gz]) found in {location.uri}{refused}")
     url = url or database_url(settings)
     conn = connect(url)
     try:
