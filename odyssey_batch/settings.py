@@ -48,6 +48,12 @@ class Settings:
     # Ingest: keep a code that is free text only (a CodeableConcept with a text and no coding) as code system
     # TEXT with the normalized text as code; false excludes such resources from ehr.* (reason text-only-code).
     keep_text_codes: bool = True
+    # Ingest limits on what an export may hold (exports come from other systems): the bytes of one resource (an
+    # NDJSON line, or a whole JSON document such as a Bundle, which is parsed in one piece) and the uncompressed
+    # bytes of one file. Larger lines and documents are quarantined as ``too-large`` without being read into memory;
+    # a file is read up to its limit (the lines before it load) and the rest refused as ``file-too-large``.
+    max_resource_bytes: int = 64 << 20
+    max_file_bytes: int = 8 << 30
     # Data-quality gate: code systems allowed in the ehr tables (short names, comma separated), the largest
     # share of a run's lines that may be quarantined, and the largest drop of a table's row count between checks.
     # TEXT is the system of free-text-only codes (see keep_text_codes).

@@ -63,7 +63,9 @@ def test_bundles_and_ndjson_give_the_same_rows(tmp_path, pg_admin_url, template_
         # Bundles also carry billing (Claim, ExplanationOfBenefit) that the NDJSON export dropped, and repeat
         # Organizations/Practitioners; everything else is the same resources.
         assert b.counts["by_type"]["Claim"]["loaded"] > 0
-        assert set(b.counts["quarantine_reasons"]) <= {"superseded"}
+        # The repeated ones that differ without a newer version are quarantined as conflicting copies.
+        assert set(b.counts["quarantine_reasons"]) <= {"superseded", "conflicting-duplicate"}
+        assert {t for t, c in b.counts["by_type"].items() if c["quarantined"]} <= {"Organization", "Practitioner"}
         prints_b, prints_n = table_fingerprints(from_bundles), table_fingerprints(from_ndjson)
         assert prints_b == prints_n
         assert prints_n["patient"][0] == N_PATIENTS and prints_n["observation"][0] > 100

@@ -163,8 +163,12 @@ def test_official_hl7_examples_parse_and_reconcile(db_url, settings, query):
     counts = result.counts
     assert counts["records"] == counts["loaded"] + counts["unchanged"] + counts["quarantined"]
     # Every example is valid FHIR; what is quarantined are references to patients that are not examples,
-    # and examples that reuse an id with different content.
-    assert set(counts["quarantine_reasons"]) == {"orphan-reference", "superseded"}
+    # and examples that reuse an id with different content: one older version (Patient/45 in
+    # Bundle-bundle-references.json) and 15 copies without version or lastUpdated that differ from a copy later
+    # in the export (e.g. Observation/o1 of Bundle-ghp.json and of Bundle-report.json).
+    assert set(counts["quarantine_reasons"]) == {"orphan-reference", "superseded", "conflicting-duplicate"}
+    reasons = counts["quarantine_reasons"]
+    assert (reasons["superseded"], reasons["conflicting-duplicate"]) == (1, 15)
     assert query("SELECT deceased FROM ehr.patient WHERE patient_id = 'pat1'") == [(False,)]
     deceased_boolean = query(
         """SELECT p.deceased, p.death_time FROM ehr.patient p JOIN fhir.resource r

@@ -190,8 +190,11 @@ def ingest(
     `ops.quarantine` with file, line and reason while the rest loads. The run becomes visible in one
     transaction; running the same export again changes nothing.
     """
+    from rich.markup import escape
+
     from odyssey_batch.ingest import ingest as run_ingest
     from odyssey_batch.ingest.discover import ManifestError
+    from odyssey_batch.storage.location import printable_name
     from odyssey_batch.warehouse import database_url, upgrade
 
     settings = cli_settings()
@@ -206,8 +209,10 @@ def ingest(
     try:
         with IngestProgress(enabled=not json_output) as progress:
             result = run_ingest(source, settings, url=url, progress=progress)
-    except (FileNotFoundError, ManifestError, ValueError) as exc:
-        err_console.print(f"[red]ingest failed:[/] {exc}")
+    except (OSError, ManifestError, ValueError) as exc:
+        # One line, whatever the message holds (file names, brackets): no markup, no wrapping.
+        message = printable_name(" ".join(str(exc).split()))
+        err_console.print(f"[red]ingest failed:[/] {escape(message)}", soft_wrap=True)
         raise typer.Exit(1) from exc
     data = result.as_dict()
     if json_output:

@@ -7,8 +7,9 @@ in parallel but merge one after the other, each seeing what the other committed.
 
 1. orphans: resources whose patient is neither in this export nor in the warehouse are quarantined;
 2. duplicates inside the export: the newest version of each (type, id) wins (``meta.lastUpdated``, then a
-   numeric ``meta.versionId``, then file order); identical copies count as unchanged, others are quarantined
-   as superseded;
+   numeric ``meta.versionId``, then file order); identical copies count as unchanged, older ones are
+   quarantined as superseded, and copies as new as the winner (same or no lastUpdated and versionId) but with
+   other content as ``conflicting-duplicate`` (the copy latest in the export wins);
 3. against the warehouse: identical resources are unchanged; older versions than the stored one are
    quarantined as stale; the rest replace or add to ``fhir.resource``. Which version is older: by
    ``meta.lastUpdated`` when both have one, else by a numeric ``meta.versionId`` when both have one, else by
@@ -84,12 +85,23 @@ WINDOW w AS (PARTITION BY resource_type, resource_id
                       file_no DESC, line_no DESC);
 DELETE FROM run_rank WHERE rn = 1;
 CREATE TEMP TABLE run_loser ON COMMIT DROP AS
-SELECT l.file_no, l.line_no, l.resource_type, (l.body = w.body) AS identical,
-       format('superseded by a newer version of %%s/%%s in the same export (%%s, line %%s)',
-              l.resource_type, l.resource_id, w.source, w.line_no) AS error
+SELECT l.file_no, l.line_no, l.resource_type, (l.body = w.body) AS identical, t.tie,
+       CASE WHEN t.tie
+            THEN format('conflicts with another copy of %%s/%%s in the same export (%%s, line %%s) that is as new '
+                        '(versionId %%s, lastUpdated %%s) but differs; the copy latest in the export was kept',
+                        l.resource_type, l.resource_id, w.source, w.line_no, coalesce(w.version_id, '-'),
+                        coalesce(w.last_updated::text, '-'))
+            ELSE format('superseded by a newer version of %%s/%%s in the same export (%%s, line %%s)',
+                        l.resource_type, l.resource_id, w.source, w.line_no) END AS error
 FROM run_rank r
 JOIN staging.resource l ON l.run_id = %(run)s AND l.file_no = r.file_no AND l.line_no = r.line_no
-JOIN staging.resource w ON w.run_id = %(run)s AND w.file_no = r.win_file AND w.line_no = r.win_line;
+JOIN staging.resource w ON w.run_id = %(run)s AND w.file_no = r.win_file AND w.line_no = r.win_line
+CROSS JOIN LATERAL (
+    SELECT l.last_updated IS NOT DISTINCT FROM w.last_updated
+           AND {_VERSION_NUM.format(t="l")} IS NOT DISTINCT FROM {_VERSION_NUM.format(t="w")} AS tie) t;
+-- Equally new copies with other content: which one is right cannot be told; they are quarantined apart.
+CREATE TEMP TABLE run_conflict ON COMMIT DROP AS SELECT * FROM run_loser WHERE tie AND NOT identical;
+DELETE FROM run_loser WHERE tie AND NOT identical;
 """
 
 _AGAINST_WAREHOUSE = f"""
@@ -347,6 +359,10 @@ def commit_run(conn: psycopg2.extensions.connection, run_id: int, *, keep_text_c
         cur.execute(_DUPLICATES, run)
         cur.execute("SELECT resource_type, count(*) FROM run_loser WHERE identical GROUP BY 1")
         unchanged = Counter(dict(cur.fetchall()))
+        cur.execute(
+            _QUARANTINE_STAGED.format(table="run_conflict", condition="true"),
+            {**run, "reason": "conflicting-duplicate"},
+        )
         cur.execute(
             _QUARANTINE_STAGED.format(table="run_loser", condition="NOT x.identical"), {**run, "reason": "superseded"}
         )

@@ -19,7 +19,6 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
@@ -27,7 +26,7 @@ import psycopg2.extensions
 from psycopg2.extras import execute_values
 
 from odyssey_batch.ingest.commit import commit_run, purge_staging, refresh_statistics
-from odyssey_batch.ingest.discover import ExportFile, ExportPlan, ManifestError, plan_export
+from odyssey_batch.ingest.discover import ExportFile, ExportPlan, plan_export
 from odyssey_batch.ingest.reader import ReadProblem, iter_line_chunks, read_document
 from odyssey_batch.ingest.stage import (
     QUARANTINE_COLUMNS,
@@ -40,6 +39,7 @@ from odyssey_batch.ingest.stage import (
 from odyssey_batch.parallel import Marker, ordered_map
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage import Location, open_location
+from odyssey_batch.storage.location import UnsafeName
 from odyssey_batch.warehouse import connect, database_url
 
 
@@ -111,16 +111,6 @@ class _FileEnd(Marker):
     problem: ReadProblem | None
 
 
-def _check_transaction_time(value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ManifestError(f"manifest transactionTime {value!r} is not an ISO 8601 instant") from exc
-    return value
-
-
 def begin_run(conn: psycopg2.extensions.connection, source: str, plan: ExportPlan) -> int:
     """Register a new run; abandon unfinished earlier runs of the same source and purge their staged rows."""
     with conn, conn.cursor() as cur:
@@ -129,7 +119,7 @@ def begin_run(conn: psycopg2.extensions.connection, source: str, plan: ExportPla
                VALUES (%s, %s, %s, %s, %s::jsonb) RETURNING run_id""",
             (
                 source,
-                _check_transaction_time(plan.transaction_time),
+                plan.transaction_time,  # checked by plan_export
                 socket.gethostname(),
                 os.getpid(),
                 orjson.dumps({"manifest": plan.manifest, "missing_files": plan.missing}).decode(),
@@ -158,6 +148,12 @@ def begin_run(conn: psycopg2.extensions.connection, source: str, plan: ExportPla
                    VALUES (%s, %s, 'file', 'missing-file', 'listed in the Bulk Data manifest but not found')""",
                 (run_id, missing),
             )
+        for entry in plan.refused:
+            cur.execute(
+                """INSERT INTO staging.quarantine (run_id, source, kind, reason, error)
+                   VALUES (%s, %s, 'file', %s, %s)""",
+                (run_id, entry.name, entry.reason, entry.message),
+            )
     return run_id
 
 
@@ -183,9 +179,15 @@ def _jobs(
         yield _FileStart(file_no, export_file)
         problem: ReadProblem | None = None
         source = export_file.name
-        with location.open(export_file.name) as stream:
+        with contextlib.ExitStack() as stack:
+            try:
+                stream = stack.enter_context(location.open(export_file.name))
+            except UnsafeName as exc:  # swapped for a link (or the like) since it was listed: never read
+                yield _FileEnd(file_no, export_file, ReadProblem(0, exc.entry.reason, exc.entry.message))
+                continue
             if export_file.format == "document":
-                data = read_document(stream, export_file.gzipped, progress.advance)
+                limit = min(settings.max_resource_bytes, settings.max_file_bytes)
+                data = read_document(stream, export_file.gzipped, progress.advance, limit)
                 if isinstance(data, ReadProblem):
                     problem = data
                 else:
@@ -195,8 +197,9 @@ def _jobs(
                     )  # fmt: skip
             else:
                 for chunk in iter_line_chunks(
-                    stream, export_file.gzipped, settings.ingest_chunk_lines, progress.advance
-                ):
+                    stream, export_file.gzipped, settings.ingest_chunk_lines, progress.advance,
+                    max_line_bytes=settings.max_resource_bytes, max_file_bytes=settings.max_file_bytes,
+                ):  # fmt: skip
                     if isinstance(chunk, ReadProblem):
                         problem = chunk
                         break
@@ -282,9 +285,13 @@ def ingest(
     progress = progress or _NoProgress()
     started = time.perf_counter()
     location = open_location(source, settings)
-    plan = plan_export(location)
+    plan = plan_export(location, settings.max_resource_bytes)
     if not plan.files and not plan.missing:
-        raise FileNotFoundError(f"no FHIR files (*.ndjson[.gz], *.json[.gz]) found in {location.uri}")
+        refused = ""
+        if plan.refused:
+            first = plan.refused[0]
+            refused = f"; {len(plan.refused)} entries refused, e.g. {first.name}: {first.message}"
+        raise FileNotFoundError(f"no FHIR files (*.ndjson[.gz], *.json[.gz]) found in {location.uri}{refused}")
     url = url or database_url(settings)
     conn = connect(url)
     try:

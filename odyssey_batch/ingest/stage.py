@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 
 from odyssey_batch.ingest.normalize import Context
-from odyssey_batch.ingest.validate import Rejected, check_resource
+from odyssey_batch.ingest.reader import TooLarge
+from odyssey_batch.ingest.validate import Rejected, check_depth, check_resource, json_error_reason
 
 STAGING_COLUMNS = (
     "run_id", "file_no", "line_no", "source", "resource_type", "resource_id", "version_id", "last_updated",
@@ -27,12 +28,12 @@ QUARANTINE_COLUMNS = (
 
 @dataclass(frozen=True)
 class LinesJob:
-    """Lines of one NDJSON file: ``(line_no, raw bytes)``."""
+    """Lines of one NDJSON file: ``(line_no, raw bytes)``, or ``TooLarge`` for a line over the resource limit."""
 
     run_id: int
     file_no: int
     source: str
-    lines: list[tuple[int, bytes]]
+    lines: list[tuple[int, bytes | TooLarge]]
     default_tz: str = "UTC"
     expected_type: str | None = None
     keep_text_codes: bool = True  # see codes.py: free-text-only concepts become TEXT codes
@@ -106,9 +107,13 @@ class _Stager:
             (self.run_id, self.source, line_no, resource_type, resource_id, kind, reason, error, raw_text, raw_bytes)
         )
 
-    def resource(self, line_no: int, obj: Any, text: str, ctx: Context, expected_type: str | None) -> None:
+    def resource(self, line_no: int, obj: Any, text: str | None, ctx: Context, expected_type: str | None) -> None:
+        """Stage one parsed resource; ``text`` is its JSON, or None to serialize it (once its depth is checked)."""
         self.result.records += 1
         try:
+            if text is None:
+                check_depth(obj)  # orjson serializes at most 255 levels; a deeper resource is refused first
+                text = orjson.dumps(obj).decode()
             norm = check_resource(obj, ctx, text, expected_type)
         except Rejected as exc:
             self.reject(line_no, exc.reason, exc.message, text, resource_type=exc.resource_type,
@@ -132,6 +137,12 @@ def process_lines(job: LinesJob) -> ChunkResult:
     stager = _Stager(ChunkResult(job.file_no), job.run_id, job.file_no, job.source)
     ctx = Context(default_tz=job.default_tz, keep_text_codes=job.keep_text_codes)
     for line_no, raw in job.lines:
+        if isinstance(raw, TooLarge):
+            stager.result.records += 1
+            stager.reject(line_no, "too-large", f"line is {raw.size:,} bytes, more than the {raw.limit:,} a resource "
+                          f"may have (ODYSSEY_MAX_RESOURCE_BYTES); its first {len(raw.prefix):,} bytes are kept",
+                          raw.prefix)  # fmt: skip
+            continue
         if job.export_errors:
             stager.result.records += 1
             stager.reject(line_no, "export-error", "the exporting server reported this error (Bulk Data error file)",
@@ -148,7 +159,9 @@ def process_lines(job: LinesJob) -> ChunkResult:
             obj = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
             stager.result.records += 1
-            stager.reject(line_no, "invalid-json", f"invalid JSON: {exc} (is the line truncated?)", raw)
+            reason = json_error_reason(exc)
+            hint = "is the line truncated?" if reason == "invalid-json" else "nested deeper than the parser's limit"
+            stager.reject(line_no, reason, f"invalid JSON: {exc} ({hint})", raw)
             continue
         stager.resource(line_no, obj, text, ctx, job.expected_type)
     return stager.finish()
@@ -186,13 +199,12 @@ def process_document(job: DocumentJob) -> ChunkResult:
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        stager.reject(1, "invalid-json", f"file is not valid JSON: {exc}", job.data, kind="file")
+        stager.reject(1, json_error_reason(exc), f"file is not valid JSON: {exc}", job.data, kind="file")
         return stager.finish()
 
     if not (isinstance(obj, dict) and obj.get("resourceType") == "Bundle"):
         stager.result.document_format = "resource"
-        ctx = Context(default_tz=job.default_tz, keep_text_codes=job.keep_text_codes)
-        stager.resource(1, obj, orjson.dumps(obj).decode(), ctx, None)
+        stager.resource(1, obj, None, Context(default_tz=job.default_tz, keep_text_codes=job.keep_text_codes), None)
         return stager.finish()
 
     stager.result.document_format = "bundle"
@@ -203,7 +215,12 @@ def process_document(job: DocumentJob) -> ChunkResult:
         return stager.finish()
     ctx = Context(default_tz=job.default_tz, full_urls=_bundle_index(entries), keep_text_codes=job.keep_text_codes)
     for index, entry in enumerate(entries, start=1):
-        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            stager.result.records += 1
+            stager.reject(index, "not-a-resource", f"Bundle.entry[{index - 1}] is not a JSON object",
+                          orjson.dumps(entry).decode() if not isinstance(entry, list) else None)  # fmt: skip
+            continue
+        resource = entry.get("resource")
         if resource is None:
             continue  # e.g. a DELETE or a transaction-response entry: no resource to load
         if isinstance(resource, dict) and "id" not in resource:
@@ -211,7 +228,7 @@ def process_document(job: DocumentJob) -> ChunkResult:
             full_url_id = _id_from_full_url(entry.get("fullUrl"))
             if full_url_id is not None:
                 resource = {**resource, "id": full_url_id}
-        stager.resource(index, resource, orjson.dumps(resource).decode(), ctx, None)
+        stager.resource(index, resource, None, ctx, None)
     return stager.finish()
 
 

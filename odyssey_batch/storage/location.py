@@ -2,11 +2,20 @@
 
 Ingest reads exports from one; later stages write artifacts to one (the object store). Both kinds list files
 recursively with paths relative to the location, and stream them, so a large export never has to fit in memory.
+
+A location reads only what is inside it. Exports come from other organizations' systems, so the listing
+(``listing()``) refuses, with a reason, every entry it will not read: a symbolic link (never followed, wherever it
+points), a special file (FIFO, socket, device), a name that is not UTF-8 (shown with escapes), a folder that cannot
+be listed, and an S3 key with an empty, ``.`` or ``..`` segment. ``open()`` re-checks the name and, locally, opens
+each path component without following links, so a file swapped for a link after the listing is refused too.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -22,10 +31,50 @@ class StoredFile:
     size: int
 
 
+@dataclass(frozen=True)
+class RefusedEntry:
+    """An entry of a location that is never read: its printable name, a reason code and a one-line message."""
+
+    name: str
+    reason: str  # 'symlink' | 'special-file' | 'file-name-not-utf8' | 'unreadable-folder' | 'unsafe-name'
+    message: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    files: list[StoredFile]
+    refused: list[RefusedEntry]
+
+
+class UnsafeName(OSError):
+    """A name that leaves the location, or an entry that is not a regular file inside it (raised by ``open``)."""
+
+    def __init__(self, name: str, reason: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.entry = RefusedEntry(name, reason, message)
+
+
+def printable_name(name: str) -> str:
+    """A file name as text that can be printed and stored: bytes that are not UTF-8 appear as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
+def unsafe_segments(name: str) -> bool:
+    """True for a name that is not a plain relative path: absolute, or with an empty, ``.`` or ``..`` part."""
+    return name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/"))
+
+
+def escapes(name: str) -> bool:
+    """True for a name that could leave its folder: absolute, or with a ``..`` part."""
+    return name.startswith("/") or ".." in name.split("/")
+
+
 class Location(Protocol):
     uri: str
 
     def list_files(self) -> list[StoredFile]: ...
+
+    def listing(self) -> Listing: ...
 
     def open(self, name: str) -> AbstractContextManager[BinaryIO]: ...
 
@@ -40,24 +89,95 @@ class LocalLocation:
         self.uri = str(self.root)
 
     def list_files(self) -> list[StoredFile]:
+        return self.listing().files
+
+    def listing(self) -> Listing:
         if not self.root.exists():
             raise FileNotFoundError(f"no such folder: {self.root}")
         if self.root.is_file():
-            return [StoredFile(self.root.name, self.root.stat().st_size)]
-        files = [
-            StoredFile(p.relative_to(self.root).as_posix(), p.stat().st_size)
-            for p in self.root.rglob("*")
-            if p.is_file()
-        ]
-        return sorted(files, key=lambda f: f.name)
+            return Listing([StoredFile(self.root.name, self.root.stat().st_size)], [])
+        files: list[StoredFile] = []
+        refused: list[RefusedEntry] = []
+        folders = [""]
+        while folders:
+            folder = folders.pop()
+            try:
+                with os.scandir(self.root / folder if folder else self.root) as entries:
+                    found = list(entries)
+            except OSError as exc:
+                if not folder:
+                    raise
+                refused.append(RefusedEntry(printable_name(folder), "unreadable-folder",
+                                            f"folder could not be listed: {exc.strerror}"))  # fmt: skip
+                continue
+            for entry in found:
+                name = f"{folder}/{entry.name}" if folder else entry.name
+                problem = self._refusal(name, entry)
+                if problem is not None:
+                    refused.append(problem)
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(name)
+                else:
+                    files.append(StoredFile(name, entry.stat(follow_symlinks=False).st_size))
+        return Listing(sorted(files, key=lambda f: f.name), sorted(refused, key=lambda r: r.name))
+
+    def _refusal(self, name: str, entry: os.DirEntry) -> RefusedEntry | None:
+        shown = printable_name(name)
+        if shown != name:
+            return RefusedEntry(shown, "file-name-not-utf8", "name is not valid UTF-8 (shown with \\x escapes)")
+        if entry.is_symlink():
+            target = os.path.realpath(entry.path)
+            inside = target == str(self.root) or target.startswith(str(self.root) + os.sep)
+            where = "inside" if inside else "outside"
+            return RefusedEntry(
+                name, "symlink", f"a symbolic link to a path {where} the folder: links are never followed"
+            )
+        if not (entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False)):
+            return RefusedEntry(name, "special-file", "not a regular file (a FIFO, socket or device)")
+        return None
 
     def _path(self, name: str) -> Path:
         return self.root if self.root.is_file() else self.root / name
 
     @contextmanager
     def open(self, name: str) -> Iterator[BinaryIO]:
-        with self._path(name).open("rb") as fh:
+        fd = os.open(self.root, os.O_RDONLY) if self.root.is_file() else self._open_inside(name)
+        with os.fdopen(fd, "rb") as fh:
             yield fh
+
+    def _open_inside(self, name: str) -> int:
+        """A descriptor for the regular file ``name`` under the root, no path component followed if it is a link."""
+        if escapes(name):
+            raise UnsafeName(printable_name(name), "unsafe-name", "name leaves the folder (absolute or '..')")
+        parts = [part for part in name.split("/") if part not in ("", ".")]
+        nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.root, nofollow | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                try:
+                    inner = os.open(part, nofollow | os.O_DIRECTORY, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise UnsafeName(
+                            name, "symlink", "a folder on its path is a symbolic link or not a folder"
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = inner
+            try:
+                # O_NONBLOCK: opening a FIFO must not hang; it is refused just below.
+                file_fd = os.open(parts[-1], nofollow | os.O_NONBLOCK, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise UnsafeName(name, "symlink", "a symbolic link: links are never followed") from None
+                raise
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+            os.close(file_fd)
+            raise UnsafeName(name, "special-file", "not a regular file (a FIFO, socket, device or folder)")
+        os.set_blocking(file_fd, True)
+        return file_fd
 
     def put_file(self, name: str, local_path: Path) -> str:
         target = self.root / name
@@ -80,25 +200,35 @@ class S3Location:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def list_files(self) -> list[StoredFile]:
+        return self.listing().files
+
+    def listing(self) -> Listing:
         # Only ListObjects, the one permission a reader of a prefix surely has: no HeadBucket first, whose
         # authorization differs between S3 implementations.
         from minio.error import S3Error
 
         start = len(self.prefix) + 1 if self.prefix else 0
-        files = []
+        files: list[StoredFile] = []
+        refused: list[RefusedEntry] = []
         try:
             for obj in self.client.list_objects(self.bucket, prefix=self._key(""), recursive=True):
                 if obj.is_dir or obj.object_name is None:
                     continue
-                files.append(StoredFile(obj.object_name[start:], int(obj.size or 0)))
+                name = obj.object_name[start:]
+                if unsafe_segments(name):
+                    refused.append(RefusedEntry(name, "unsafe-name", "key has an empty, '.' or '..' path segment"))
+                else:
+                    files.append(StoredFile(name, int(obj.size or 0)))
         except S3Error as exc:
             if exc.code == "NoSuchBucket":
                 raise FileNotFoundError(f"no such bucket: {self.bucket}") from None
             raise
-        return sorted(files, key=lambda f: f.name)
+        return Listing(sorted(files, key=lambda f: f.name), sorted(refused, key=lambda r: r.name))
 
     @contextmanager
     def open(self, name: str) -> Iterator[BinaryIO]:
+        if escapes(name):
+            raise UnsafeName(name, "unsafe-name", "key leaves the prefix (absolute or '..')")
         response = self.client.get_object(self.bucket, self._key(name))
         if name.lower().endswith(".gz"):
             # A .gz object stored with ``Content-Encoding: gzip`` must reach us still compressed.
