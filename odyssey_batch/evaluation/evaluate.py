@@ -35,7 +35,7 @@ from odyssey_batch.evaluation.baselines import BASELINES, code_count_features, f
 from odyssey_batch.evaluation.metrics import METRICS, Estimate, best_f1_threshold, evaluate_task
 from odyssey_batch.evaluation.report import MethodResult, summary_table, write_report
 from odyssey_batch.model import default_device
-from odyssey_batch.registry import versions
+from odyssey_batch.registry import artifacts, versions
 from odyssey_batch.registry.bundle import LoadedModel, load_model
 from odyssey_batch.sequences.store import Dataset, open_dataset
 from odyssey_batch.settings import Settings
@@ -361,7 +361,8 @@ def evaluate_model(url: str, settings: Settings, version: int, options: Evaluate
         (folder / "evaluation.json").write_text(json.dumps({"notes": notes, "metrics": summary}, default=float))
         stored["report/evaluation.json"] = folder / "evaluation.json"
         registered = versions.add_files(url, settings, version, stored)
-    report = {name: f"{registered.artifact_uri}/{name}" for name in sorted(stored)}
+    report = {name: artifacts.where(settings, version, name, expected_manifest_checksum=registered.checksum)
+              for name in sorted(stored)}  # fmt: skip
     versions.update_metrics(url, version, {"test": summary, "champion_version": champion_version,
                                            "report": report.get("report/report.html")})  # fmt: skip
     points = {task: {"positive": int(methods[0].y.sum()), "negative": int(len(methods[0].y) - methods[0].y.sum())}
