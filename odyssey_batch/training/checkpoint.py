@@ -151,15 +151,33 @@ def build_model(meta: dict[str, Any], weights: dict[str, torch.Tensor]) -> torch
     return model
 
 
+def _decoded(location: Location, prefix: str, files: dict[str, dict[str, Any]], name: str) -> Any:
+    """A verified checkpoint file, parsed (JSON or safetensors: data only, nothing executable)."""
+    data = _verified(location, prefix, files, name)
+    try:
+        return json.loads(data) if name.endswith(".json") else load_safetensors(data)
+    except Exception as exc:  # its bytes match the manifest, yet it is not what the checkpoint writes
+        raise CorruptArtifactError(
+            f"checkpoint file {name} at {location.describe(f'{prefix}/{name}')} is not a valid "
+            f"{'JSON' if name.endswith('.json') else 'safetensors'} file; refused ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def load_checkpoint(settings: Settings, prefix: str, *, trainer: bool = True) -> tuple[Any, dict, dict | None]:
     """The model of a checkpoint, its config.json, and (``trainer``) the trainer state, each file verified
     against the checkpoint's manifest (``CorruptArtifactError`` naming the file otherwise)."""
     location = open_location(settings.object_store_location, settings)
     files = _manifest(location, prefix)["files"]
-    meta = json.loads(_verified(location, prefix, files, CONFIG))
-    model = build_model(meta, load_safetensors(_verified(location, prefix, files, WEIGHTS)))
+    meta = _decoded(location, prefix, files, CONFIG)
+    model = build_model(meta, _decoded(location, prefix, files, WEIGHTS))
     state = None
     if trainer:
-        structure = json.loads(_verified(location, prefix, files, TRAINER_STATE))
-        state = trainer_state.decode(structure, load_safetensors(_verified(location, prefix, files, TRAINER_TENSORS)))
+        structure = _decoded(location, prefix, files, TRAINER_STATE)
+        tensors = _decoded(location, prefix, files, TRAINER_TENSORS)
+        try:
+            state = trainer_state.decode(structure, tensors)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptArtifactError(
+                f"checkpoint {location.describe(prefix)}: {TRAINER_STATE} does not fit {TRAINER_TENSORS} ({exc})"
+            ) from exc
     return model, meta, state
