@@ -26,7 +26,7 @@ from odyssey_batch.model.ehrmamba import EHRMamba
 from odyssey_batch.registry import CorruptArtifactError, artifacts
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage.location import LocalLocation, S3Location
-from odyssey_batch.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from odyssey_batch.training.checkpoint import latest_checkpoint, load_checkpoint, read_file, save_checkpoint
 from tests.conftest import run_sql
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,20 +308,29 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused_naming_the_file(store, name):
 
 
 def test_a_planted_pickle_is_never_executed(store, tmp_path):
-    prefix, _, _ = tiny_checkpoint(store)
+    prefix, model, _ = tiny_checkpoint(store)
     folder = store.home / "objects" / prefix
     marker = tmp_path / "marker"
     payload = pickle.dumps(Payload(marker))
-    # the layout of an older checkpoint: trainer.pt (a pickle), no manifest
-    for name in ("manifest.json", "trainer.json", "trainer.safetensors"):
+    # a checkpoint of the current layout that lost its manifest is refused, even to read its weights
+    (folder / "manifest.json").rename(tmp_path / "manifest.json")
+    for trainer in (True, False):
+        with pytest.raises(CorruptArtifactError, match=r"no readable manifest.json"):
+            load_checkpoint(store, prefix, trainer=trainer)
+    # the layout of an older checkpoint: trainer.pt (a pickle), no manifest, no trainer.json
+    for name in ("trainer.json", "trainer.safetensors"):
         (folder / name).unlink()
     (folder / "trainer.pt").write_bytes(payload)
     with pytest.raises(CorruptArtifactError, match=r"no readable manifest.json.*trainer.pt is never loaded"):
-        load_checkpoint(store, prefix)
+        load_checkpoint(store, prefix)  # no resume
     with pytest.raises(CorruptArtifactError, match=r"no readable manifest.json"):
-        load_checkpoint(store, prefix, trainer=False)
+        read_file(store, prefix, "model.safetensors")  # what registration copies: nothing to verify it against
+    old_weights, meta, state = load_checkpoint(store, prefix, trainer=False)  # data only: still usable
+    assert state is None and meta["kind"] == "pretrain" and same(model.state_dict(), old_weights.state_dict())
+    assert not marker.exists()
+    (folder / "trainer.pt").unlink()
+    (tmp_path / "manifest.json").rename(folder / "manifest.json")
     # the payload under the new names, with a manifest that vouches for it: parsed as data, refused
-    prefix, _, _ = tiny_checkpoint(store)
     manifest = json.loads((folder / "manifest.json").read_bytes())
     for name in ("trainer.safetensors", "trainer.json"):
         (folder / name).write_bytes(payload)

@@ -9,7 +9,8 @@ Nothing in a checkpoint is a pickle, and every file read from one is verified ag
 changed byte is refused with the file's name and both checksums (``CorruptArtifactError``), whether the reader is
 a resumed run, finetuning, evaluation, forecasting or the registry copying a checkpoint into a model version. A
 checkpoint without a manifest (written by a version of odyssey-batch that pickled its trainer state into
-``trainer.pt``) is refused too: ``trainer.pt`` is never unpickled.
+``trainer.pt``) cannot be resumed or registered, and its ``trainer.pt`` is never unpickled; its weights and
+config (safetensors and JSON: data only) can still be read, unverified, to finetune, evaluate or forecast.
 
 A file added to a checkpoint later (finetuning's ``calibration.json`` in its best checkpoint) is stored first
 and the manifest rewritten with its entry after (``add_files``); both writes are atomic, and a reader checks
@@ -19,6 +20,7 @@ only the files it reads, so a crash between them leaves every other file of the 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,9 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_STATE = "trainer.json"
+LEGACY_TRAINER = "trainer.pt"  # the pickled trainer state of checkpoints written before checksums: never loaded
+
+log = logging.getLogger(__name__)
 
 
 def run_prefix(run_id: int) -> str:
@@ -111,7 +116,12 @@ def _manifest(location: Location, prefix: str) -> dict[str, Any]:
     return found
 
 
-def _verified(location: Location, prefix: str, files: dict[str, dict[str, Any]], name: str) -> bytes:
+def _verified(location: Location, prefix: str, files: dict[str, dict[str, Any]] | None, name: str) -> bytes:
+    """A checkpoint file checked against the manifest's ``files`` (None: an older checkpoint's weights or
+    config, read as they are)."""
+    if files is None:
+        with location.open(f"{prefix}/{name}") as fh:
+            return fh.read()
     entry = files.get(name)
     if entry is None:
         raise CorruptArtifactError(
@@ -119,6 +129,38 @@ def _verified(location: Location, prefix: str, files: dict[str, dict[str, Any]],
             f"(files: {', '.join(sorted(files)) or 'none'}); refused"
         )
     return read_verified(location, f"{prefix}/{name}", entry, f"checkpoint file {name}")
+
+
+def _exists(location: Location, key: str) -> bool:
+    try:
+        with location.open(key):
+            return True
+    except Exception:  # a missing file, or a missing S3 object (S3Error)
+        return False
+
+
+def _weights_files(location: Location, prefix: str) -> dict[str, dict[str, Any]] | None:
+    """The manifest's files for reading a checkpoint's weights and config; None for a checkpoint written before
+    checkpoints carried checksums (``trainer.pt``, no manifest, no ``trainer.json``): its ``model.safetensors``
+    and ``config.json`` are data only and are read unverified, so that a model trained before an upgrade can
+    still be finetuned, evaluated or forecast from. Its ``trainer.pt`` is never loaded: it cannot be resumed,
+    and the registry does not copy from it (``read_file`` has no such exception)."""
+    try:
+        return _manifest(location, prefix)["files"]
+    except CorruptArtifactError:
+        legacy = (
+            not _exists(location, f"{prefix}/{MANIFEST}")
+            and not _exists(location, f"{prefix}/{TRAINER_STATE}")
+            and _exists(location, f"{prefix}/{LEGACY_TRAINER}")
+        )
+        if not legacy:
+            raise
+    log.warning(
+        "checkpoint %s predates checkpoint checksums: its weights and config are read unverified "
+        "(its pickled trainer.pt is not loaded)",
+        location.describe(prefix),
+    )
+    return None
 
 
 def read_file(settings: Settings, prefix: str, name: str) -> bytes:
@@ -167,7 +209,7 @@ def load_checkpoint(settings: Settings, prefix: str, *, trainer: bool = True) ->
     """The model of a checkpoint, its config.json, and (``trainer``) the trainer state, each file verified
     against the checkpoint's manifest (``CorruptArtifactError`` naming the file otherwise)."""
     location = open_location(settings.object_store_location, settings)
-    files = _manifest(location, prefix)["files"]
+    files = _manifest(location, prefix)["files"] if trainer else _weights_files(location, prefix)
     meta = _decoded(location, prefix, files, CONFIG)
     model = build_model(meta, _decoded(location, prefix, files, WEIGHTS))
     state = None
