@@ -63,7 +63,8 @@ elif step == "before-commit":
 elif step == "before-sweep":
     versions._sweep = lambda *args: die()
 files = {"report/evaluation.json": folder / "evaluation-2.json", "report/report.html": folder / "report.html"}
-versions.add_files(url, Settings(home=home), version, files)
+versions.add_files(url, Settings(home=home), version, files,
+                   metrics=lambda where: {"report": where["report/report.html"], "evaluated": True})
 print("finished")
 """
 
@@ -132,8 +133,10 @@ def test_an_add_killed_before_its_commit_leaves_the_version_exactly_as_it_was(db
     again = kill_add(db_url, tmp_path, version.model_version, "none")
     assert again.returncode == 0 and "finished" in again.stdout, again.stderr
     after = registry.get(db_url, version.model_version)
-    assert after.checksum != before.checksum
+    assert after.checksum != before.checksum and before.metrics == {}
     assert loaded(store, db_url, version.model_version, tmp_path / "after-retry") == AFTER
+    assert after.metrics["evaluated"] is True
+    assert Path(after.metrics["report"]).read_bytes() == AFTER["report/report.html"]  # the link committed with it
     sha = hashlib.sha256(b'{"auroc": 0.74}').hexdigest()
     assert stored(tmp_path, version.model_version) == sorted([  # the replaced report/evaluation.json is swept
         "config.json", "model.safetensors", f"manifest-{after.checksum}.json",
@@ -147,6 +150,7 @@ def test_an_add_killed_after_its_commit_is_complete_and_the_next_add_sweeps(db_u
     after = registry.get(db_url, version.model_version)
     assert after.checksum != before.checksum
     assert loaded(store, db_url, version.model_version, tmp_path / "after-kill") == AFTER
+    assert after.metrics["evaluated"] is True  # committed with the checksum
     assert f"manifest-{before.checksum}.json" in stored(tmp_path, version.model_version)  # not swept yet
     extra = tmp_path / "local" / "notes.txt"
     extra.write_text("notes")
@@ -165,8 +169,10 @@ def test_a_reader_holding_the_old_checksum_is_refused_not_misled(db_url, store, 
         artifacts.fetch(store, version.model_version, tmp_path / "stale", old)
     assert not (tmp_path / "stale" / "report" / "evaluation.json").exists()
     new = registry.get(db_url, version.model_version).checksum
-    link = artifacts.where(store, version.model_version, "report/evaluation.json", expected_manifest_checksum=new)
-    assert Path(link).read_bytes() == b'{"auroc": 0.74}' and "by-sha256" in link
+    links = artifacts.where(store, version.model_version, ["report/evaluation.json", "config.json"],
+                            expected_manifest_checksum=new)  # fmt: skip
+    assert Path(links["report/evaluation.json"]).read_bytes() == b'{"auroc": 0.74}'
+    assert "by-sha256" in links["report/evaluation.json"] and links["config.json"].endswith("/config.json")
 
 
 def test_a_version_registered_with_the_old_single_manifest_still_loads_and_moves_on(db_url, store, version, tmp_path):

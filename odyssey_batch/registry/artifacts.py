@@ -188,11 +188,13 @@ def _entry(found: dict[str, Any], version: int, name: str) -> dict[str, Any]:
     return entry
 
 
-def where(settings: Settings, version: int, name: str, *, expected_manifest_checksum: str) -> str:
-    """Where a model file's bytes are stored (a path or an ``s3://`` URI), for links in reports."""
+def where(settings: Settings, version: int, names: list[str], *, expected_manifest_checksum: str) -> dict[str, str]:
+    """Where each named model file's bytes are stored (a path or an ``s3://`` URI), for links in reports."""
     location = open_location(settings.object_store_location, settings)
-    entry = _entry(_load_manifest(location, version, expected_manifest_checksum)[0], version, name)
-    return location.describe(f"{prefix(version)}/{object_of(name, entry)}")
+    found = _load_manifest(location, version, expected_manifest_checksum)[0]
+    return {
+        name: location.describe(f"{prefix(version)}/{object_of(name, _entry(found, version, name))}") for name in names
+    }
 
 
 def read(settings: Settings, version: int, name: str, *, expected_manifest_checksum: str) -> bytes:

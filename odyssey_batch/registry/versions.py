@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -117,17 +118,32 @@ def register(
         return fetch_version(cur, version)
 
 
-def add_files(url: str, settings: Settings, version: int, files: dict[str, Path]) -> ModelVersion:
+def add_files(
+    url: str,
+    settings: Settings,
+    version: int,
+    files: dict[str, Path],
+    *,
+    metrics: Callable[[dict[str, str]], dict[str, Any]] | None = None,
+) -> ModelVersion:
     """Add files to a registered model's artifacts (replacing same-named ones) and record the new checksum.
 
     The new files and manifest go under names the committed manifest does not use, and the row's checksum
     switches to the new manifest in one commit, so a failure or a kill at any step leaves the version loading
-    exactly as before. After the commit, what the new manifest no longer names is swept (``_sweep``).
+    exactly as before. ``metrics``, given where each added file is stored (name → path or URI), returns metrics
+    to merge into the row in the same commit (an evaluation's numbers and its report's link). After the commit,
+    what the new manifest no longer names is swept (``_sweep``).
     """
     with transaction(url) as conn, conn.cursor() as cur:
         current = fetch_version(cur, version, lock=True)  # one writer of the version's artifacts at a time
         checksum = artifacts.add(settings, version, files, expected_manifest_checksum=current.checksum)
-        cur.execute("UPDATE ops.model_version SET checksum = %s WHERE model_version = %s", (checksum, version))
+        merged = {}
+        if metrics is not None:
+            merged = metrics(artifacts.where(settings, version, sorted(files), expected_manifest_checksum=checksum))
+        cur.execute(
+            "UPDATE ops.model_version SET checksum = %s, metrics = metrics || %s::jsonb WHERE model_version = %s",
+            (checksum, Json(merged), version),
+        )
         updated = fetch_version(cur, version)
     _sweep(url, settings, version)
     return updated
