@@ -43,7 +43,7 @@ def test_bundle_holds_everything_scoring_needs_and_loads_verified(trained):
     registered = versions.get(url, trained["version"])
     assert registered.status == "candidate" and registered.preset == "tiny" and registered.parent_version is None
     assert registered.config["placement"] == "append" and len(registered.config["tasks"]) == 6
-    manifest = json.loads(Path(registered.artifact_uri, "manifest.json").read_text())
+    manifest = json.loads(Path(registered.artifact_uri, f"manifest-{registered.checksum}.json").read_text())
     assert set(manifest["files"]) == set(BUNDLE_FILES)
     loaded = load_model(url, settings, trained["version"])
     assert loaded.dataset_version == registered.dataset_version and loaded.max_length == 64

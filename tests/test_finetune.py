@@ -3,12 +3,17 @@ tasks are balanced, one model scores every task, and scoring by one recurrent st
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from odyssey_batch import registry
 from odyssey_batch.evaluation.calibration import Calibrator
 from odyssey_batch.model.classifier import EHRMambaForTasks
+from odyssey_batch.registry import CorruptArtifactError
+from odyssey_batch.registry.bundle import register_run
 from odyssey_batch.sequences.grammar import TokenType, task_token
 from odyssey_batch.sequences.store import open_dataset
 from odyssey_batch.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -135,6 +140,32 @@ def test_killed_finetuning_resumes_to_the_same_model_and_calibrates(pretrained):
             assert bool(np.all(np.diff(calibrated) >= 0)) and 0 <= calibrated.min() <= calibrated.max() <= 1
     with pytest.raises(ValueError, match="not a finetuning run"):
         finetune(url, settings, None, FinetuneOptions(), resume=parent)
+
+
+def test_registration_verifies_the_checkpoint_it_copies(pretrained):
+    url, settings, parent = pretrained
+    options = FinetuneOptions(max_length=64, batch_size=32, epochs=1, tasks=("mortality_30d",))
+    run = finetune(url, settings, parent, options).training_run_id
+    prefix = best_checkpoint(settings, run)
+    folder = settings.home / "objects" / prefix
+    manifest = json.loads((folder / "manifest.json").read_bytes())
+    assert set(manifest["files"]) == {"model.safetensors", "config.json", "trainer.safetensors", "trainer.json",
+                                      "calibration.json"}  # fmt: skip
+    versions_before = registry.list_versions(url)
+    for name in ("model.safetensors", "calibration.json", "config.json"):
+        path = folder / name
+        good = path.read_bytes()
+        flipped = bytearray(good)
+        flipped[len(flipped) // 2] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CorruptArtifactError, match=rf"checkpoint file {name} at {path} is corrupt"):
+            register_run(url, settings, run)
+        assert registry.list_versions(url) == versions_before  # nothing registered
+        path.write_bytes(good)
+    registered = register_run(url, settings, run)
+    assert registry.artifacts.read(settings, registered.model_version, "model.safetensors",
+                                   expected_manifest_checksum=registered.checksum) == (folder / "model.safetensors"
+                                                                                       ).read_bytes()  # fmt: skip
 
 
 def test_train_finetune_command(pretrained):

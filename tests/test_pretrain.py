@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 
 from odyssey_batch.ingest import ingest
 from odyssey_batch.quality.gate import validate
+from odyssey_batch.registry import CorruptArtifactError
 from odyssey_batch.sequences.dataset import TokenizeOptions, tokenize
 from odyssey_batch.settings import Settings
 from odyssey_batch.synth import generate
@@ -76,6 +79,44 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     assert ta["recent"] == pytest.approx(tb["recent"], rel=1e-5) and ta["tokens"] == tb["tokens"]
+
+
+class Payload:
+    """A pickle that writes a marker file when unpickled: what a hostile trainer.pt would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "executed"))
+
+
+def test_resume_refuses_a_tampered_or_pickled_trainer_state_and_changes_nothing(warehouse, tmp_path):
+    url, settings = warehouse
+    cut = pretrain(url, settings, None, OPTIONS, stop_after=6)  # last checkpoint: step 4
+    prefix = latest_checkpoint(settings, cut.training_run_id)
+    folder = settings.home / "objects" / prefix
+    row = "SELECT status, steps, artifact_uri FROM ops.training_run WHERE training_run_id = %s"
+    before = run_sql(url, row, (cut.training_run_id,))
+    trainer = folder / "trainer.safetensors"
+    good = trainer.read_bytes()
+    flipped = bytearray(good)
+    flipped[-1] ^= 0x01
+    trainer.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptArtifactError, match=rf"checkpoint file trainer.safetensors at {trainer} is corrupt"):
+        pretrain(url, settings, None, OPTIONS, resume=cut.training_run_id)
+    assert run_sql(url, row, (cut.training_run_id,)) == before
+    # a pickle planted as trainer.pt in the layout of older checkpoints (no manifest) is never unpickled
+    marker = tmp_path / "marker"
+    (folder / "trainer.pt").write_bytes(pickle.dumps(Payload(marker)))
+    (folder / "manifest.json").rename(tmp_path / "manifest.json")
+    with pytest.raises(CorruptArtifactError, match=r"no readable manifest.json.*trainer.pt is never loaded"):
+        pretrain(url, settings, None, OPTIONS, resume=cut.training_run_id)
+    assert not marker.exists() and run_sql(url, row, (cut.training_run_id,)) == before
+    # restored, the same checkpoint resumes to the end
+    (tmp_path / "manifest.json").rename(folder / "manifest.json")
+    trainer.write_bytes(good)
+    assert pretrain(url, settings, None, OPTIONS, resume=cut.training_run_id).steps == 10
 
 
 def test_train_pretrain_command(warehouse, tmp_path):

@@ -102,8 +102,10 @@ def test_register_publishes_files_with_checksums_and_reads_them_back(db_url, sto
     assert (mv.status, mv.preset, mv.config, mv.metrics) == ("candidate", "tiny", {"tag": "m1"}, {"val_loss": 1.5})
     folder = tmp_path / "objects" / "models" / f"v{first}"
     assert mv.artifact_uri == str(folder)
-    assert mv.checksum == hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
-    manifest = json.loads((folder / "manifest.json").read_bytes())
+    stored_manifest = folder / f"manifest-{mv.checksum}.json"  # content-addressed: named by its sha256
+    assert mv.checksum == hashlib.sha256(stored_manifest.read_bytes()).hexdigest()
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", stored_manifest.name, "model.safetensors"]
+    manifest = json.loads(stored_manifest.read_bytes())
     weights = (tmp_path / "local" / "m1" / "weights-m1.bin").read_bytes()
     config = (tmp_path / "local" / "m1" / "config-m1.json").read_bytes()
     assert manifest == {
@@ -114,14 +116,17 @@ def test_register_publishes_files_with_checksums_and_reads_them_back(db_url, sto
         },
     }  # fmt: skip
     assert registry.artifacts.read(store, first, "model.safetensors", expected_manifest_checksum=mv.checksum) == weights
-    assert json.loads(artifacts.read(store, first, "config.json")) == {"tag": "m1", "d_model": 16}
+    assert json.loads(artifacts.read(store, first, "config.json", expected_manifest_checksum=mv.checksum)) == {
+        "tag": "m1",
+        "d_model": 16,
+    }
     assert [v.model_version for v in registry.list_versions(db_url)] == [second, first]
     assert registry.get(db_url, second).parent_version == first
     assert registry.champion(db_url) is None
 
     local = artifacts.fetch(store, first, tmp_path / "fetched", mv.checksum)
     assert (local / "model.safetensors").read_bytes() == weights
-    assert (local / "manifest.json").read_bytes() == (folder / "manifest.json").read_bytes()
+    assert (local / "manifest.json").read_bytes() == stored_manifest.read_bytes()
 
     report = tmp_path / "report.json"
     report.write_text('{"auroc": 0.8}')
@@ -130,10 +135,13 @@ def test_register_publishes_files_with_checksums_and_reads_them_back(db_url, sto
     assert artifacts.read(store, first, "reports/evaluation.json", expected_manifest_checksum=updated.checksum) == (
         b'{"auroc": 0.8}'
     )
-    with pytest.raises(CorruptArtifactError, match=f"expects {mv.checksum}"):  # the registry's old view is stale
+    # the old manifest is swept once the new one is committed: the registry's old view is stale
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", f"manifest-{updated.checksum}.json", "model.safetensors", "reports"]  # fmt: skip
+    with pytest.raises(CorruptArtifactError, match=f"manifest-{mv.checksum}.json is missing"):
         artifacts.read(store, first, "config.json", expected_manifest_checksum=mv.checksum)
     with pytest.raises(LookupError, match="no file 'nope'"):
-        artifacts.read(store, first, "nope")
+        artifacts.read(store, first, "nope", expected_manifest_checksum=updated.checksum)
     with pytest.raises(LookupError, match="no model version 99"):
         registry.get(db_url, 99)
 
@@ -149,7 +157,7 @@ def test_corrupted_artifact_is_refused(db_url, store, new_model, tmp_path):
         artifacts.read(store, version, "model.safetensors", expected_manifest_checksum=mv.checksum)
     assert expected in str(caught.value) and actual in str(caught.value)
     assert isinstance(caught.value, ValueError)
-    assert artifacts.read(store, version, "config.json")  # the other file is intact
+    assert artifacts.read(store, version, "config.json", expected_manifest_checksum=mv.checksum)  # the other is intact
 
     target = tmp_path / "fetched"
     with pytest.raises(CorruptArtifactError, match=r"model.safetensors"):
@@ -167,13 +175,13 @@ def test_missing_artifact_and_tampered_manifest_are_refused(db_url, store, new_m
     with pytest.raises(CorruptArtifactError, match=r"config.json is missing"):
         artifacts.fetch(store, version, tmp_path / "fetched", mv.checksum)
 
-    manifest = folder / "manifest.json"
+    manifest = folder / f"manifest-{mv.checksum}.json"
     manifest.write_bytes(manifest.read_bytes().replace(b'"bytes"', b'"bytes" ', 1))
-    with pytest.raises(CorruptArtifactError, match=f"v{version}: manifest.json .* registry expects {mv.checksum}"):
+    with pytest.raises(CorruptArtifactError, match=f"v{version}: manifest at .* registry expects {mv.checksum}"):
         artifacts.read(store, version, "model.safetensors", expected_manifest_checksum=mv.checksum)
     manifest.unlink()
-    with pytest.raises(CorruptArtifactError, match=r"manifest.json is missing"):
-        artifacts.read(store, version, "model.safetensors")
+    with pytest.raises(CorruptArtifactError, match=rf"manifest-{mv.checksum}.json is missing"):
+        artifacts.read(store, version, "model.safetensors", expected_manifest_checksum=mv.checksum)
 
 
 def test_failed_publish_leaves_nothing_registered(db_url, store, dataset, tmp_path):
@@ -183,7 +191,7 @@ def test_failed_publish_leaves_nothing_registered(db_url, store, dataset, tmp_pa
         registry.register(db_url, store, dataset_version=dataset, training_run_id=None, preset="tiny", config={},
                           files=files)  # fmt: skip
     assert registry.list_versions(db_url) == []
-    assert not list((tmp_path / "objects").rglob("manifest.json"))  # a crash mid-copy leaves no manifest
+    assert not list((tmp_path / "objects").rglob("manifest*.json"))  # a crash mid-copy leaves no manifest
     with pytest.raises(ValueError, match=r"manifest.json"):
         registry.register(db_url, store, dataset_version=dataset, training_run_id=None, preset="tiny", config={},
                           files={"manifest.json": tmp_path / "local" / "config-x.json"})  # fmt: skip

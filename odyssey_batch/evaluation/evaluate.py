@@ -360,10 +360,17 @@ def evaluate_model(url: str, settings: Settings, version: int, options: Evaluate
         stored = {f"report/{path.name}": path for path in files.values()}
         (folder / "evaluation.json").write_text(json.dumps({"notes": notes, "metrics": summary}, default=float))
         stored["report/evaluation.json"] = folder / "evaluation.json"
-        registered = versions.add_files(url, settings, version, stored)
-    report = {name: f"{registered.artifact_uri}/{name}" for name in sorted(stored)}
-    versions.update_metrics(url, version, {"test": summary, "champion_version": champion_version,
-                                           "report": report.get("report/report.html")})  # fmt: skip
+        report: dict[str, str] = {}
+
+        def evaluated(stored_at: dict[str, str]) -> dict[str, Any]:  # committed with the report's checksum
+            report.update(stored_at)
+            return {
+                "test": summary,
+                "champion_version": champion_version,
+                "report": stored_at.get("report/report.html"),
+            }
+
+        versions.add_files(url, settings, version, stored, metrics=evaluated)
     points = {task: {"positive": int(methods[0].y.sum()), "negative": int(len(methods[0].y) - methods[0].y.sum())}
               for task, methods in results.items()}  # fmt: skip
     return EvaluationResult(version, dataset.version, "test", points, summary_table(results), champion_version,

@@ -1,31 +1,52 @@
-"""Model artifacts in the object store: ``models/v<N>/`` holds the model's files and ``manifest.json``.
+"""Model artifacts in the object store: ``models/v<N>/`` holds the model's files and its manifests.
 
-The manifest lists every file with its sha256 and size; it is written last, so a crash while copying leaves a
-folder without a manifest, which nothing reads. The registry keeps the sha256 of the manifest itself
-(``ops.model_version.checksum``), so a file changed after publishing is caught when it is read: the file no
-longer matches the manifest, or the manifest no longer matches the registry.
+A manifest lists every file of a version with its sha256 and size. It is content-addressed: stored as
+``manifest-<sha256 of the manifest>.json`` and never overwritten, and the registry row names it
+(``ops.model_version.checksum``), so loading always finds exactly the manifest the registry committed and
+checks every file against it. A file changed after publishing is caught when it is read.
+
+Adding files to a registered version (an evaluation report) never touches what the committed manifest names:
+
+1. each new file goes under a key no committed manifest refers to: its own name when the version has no file
+   of that name yet, else ``by-sha256/<sha256>/<name>`` (content-addressed, so rewriting it writes the same
+   bytes);
+2. the new manifest goes under its own content-addressed name;
+3. the caller commits the new checksum in the registry row (``versions.add_files``), the one switch from the
+   old manifest to the new one;
+4. only then, under the row's lock, ``sweep`` removes what the committed manifest no longer names (the old
+   manifest, replaced files, leftovers of an add that died before its commit).
+
+A kill at any point before 3 leaves the committed manifest and every file it names as they were; a kill
+between 3 and 4 leaves unreferenced objects that the next add to the version sweeps. Every single write is
+atomic (``storage.location``). Versions registered before content-addressed manifests keep their
+``manifest.json``; it is read (verified against the registry's checksum) when ``manifest-<sha>.json`` is absent,
+and swept after the version's next add.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage import Location, open_location
+from odyssey_batch.storage.checksums import (
+    CorruptArtifactError,
+    copy_verified,
+    entry_of,
+    manifest_bytes,
+    object_of,
+    read_verified,
+    relative_name,
+)
 
-MANIFEST = "manifest.json"
-_CHUNK = 1 << 20
+__all__ = ["CorruptArtifactError", "add", "fetch", "manifest", "publish", "read", "sweep", "where"]
 
-
-class CorruptArtifactError(ValueError):
-    """A stored model file (or its manifest) is missing or does not match its recorded checksum."""
+LEGACY_MANIFEST = "manifest.json"  # the single, rewritten manifest of versions registered before this layout
+REPLACED = "by-sha256"  # the folder of files that replaced a file of the same name
 
 
 def prefix(version: int) -> str:
@@ -33,49 +54,46 @@ def prefix(version: int) -> str:
     return f"models/v{version}"
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+def manifest_name(checksum: str) -> str:
+    """The name of the manifest whose sha256 is ``checksum`` (what the registry row records)."""
+    if len(checksum) != 64 or any(c not in "0123456789abcdef" for c in checksum):
+        raise ValueError(f"not a sha256 checksum: {checksum!r}")
+    return f"manifest-{checksum}.json"
 
 
 def _check_name(name: str) -> str:
-    path = PurePosixPath(name)
-    if not name or path.is_absolute() or ".." in path.parts or "\\" in name or str(path) != name:
-        raise ValueError(f"invalid model file name {name!r}: use a relative path with '/' separators")
-    if name == MANIFEST:
-        raise ValueError(f"{MANIFEST!r} is written by the registry and cannot be published as a model file")
+    relative_name(name, "model file")
+    if name == LEGACY_MANIFEST or (name.startswith("manifest-") and "/" not in name):
+        raise ValueError(f"{name!r}: manifests are written by the registry and cannot be published as model files")
+    if name.split("/", 1)[0] == REPLACED:
+        raise ValueError(f"{name!r}: the {REPLACED}/ folder is the registry's own")
     return name
 
 
-def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-
-
-def _put_files(location: Location, version: int, files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+def _put_files(location: Location, version: int, files: dict[str, Path], current: dict[str, Any]) -> dict:
+    """Store ``files`` where nothing in the ``current`` manifest's files points; return their entries."""
     for name in files:
         _check_name(name)
     entries = {}
     for name in sorted(files):
         local = Path(files[name])
-        sha, size = _sha256_file(local)
-        location.put_file(f"{prefix(version)}/{name}", local)
-        entries[name] = {"sha256": sha, "bytes": size}
+        entry = entry_of(local)
+        known = current.get(name)
+        if known is not None and (known["sha256"], known["bytes"]) == (entry["sha256"], entry["bytes"]):
+            entries[name] = known  # the same bytes are already stored
+            continue
+        if known is not None:
+            entry["object"] = f"{REPLACED}/{entry['sha256']}/{name}"
+        location.put_file(f"{prefix(version)}/{object_of(name, entry)}", local)
+        entries[name] = entry
     return entries
 
 
-def _put_manifest(location: Location, version: int, manifest: dict[str, Any]) -> tuple[str, str]:
-    data = _manifest_bytes(manifest)
-    with tempfile.TemporaryDirectory(prefix="odyssey-model-") as tmp:
-        path = Path(tmp) / MANIFEST
-        path.write_bytes(data)
-        stored = location.put_file(f"{prefix(version)}/{MANIFEST}", path)
-    folder = stored[: -len(MANIFEST)].rstrip("/\\")
-    return folder, hashlib.sha256(data).hexdigest()
+def _put_manifest(location: Location, version: int, manifest: dict[str, Any]) -> str:
+    data = manifest_bytes(manifest)
+    checksum = hashlib.sha256(data).hexdigest()
+    location.put_bytes(f"{prefix(version)}/{manifest_name(checksum)}", data)
+    return checksum
 
 
 def publish(settings: Settings, version: int, files: dict[str, Path]) -> tuple[str, str]:
@@ -86,78 +104,100 @@ def publish(settings: Settings, version: int, files: dict[str, Path]) -> tuple[s
     if not files:
         raise ValueError(f"model v{version}: nothing to publish")
     location = open_location(settings.object_store_location, settings)
-    entries = _put_files(location, version, files)
-    return _put_manifest(location, version, {"model_version": version, "files": entries})
+    entries = _put_files(location, version, files, {})
+    checksum = _put_manifest(location, version, {"model_version": version, "files": entries})
+    return location.describe(prefix(version)), checksum
 
 
-def _load_manifest(location: Location, version: int, expected_checksum: str | None) -> tuple[dict[str, Any], bytes]:
-    where = location.describe(f"{prefix(version)}/{MANIFEST}")
+def _load_manifest(location: Location, version: int, checksum: str) -> tuple[dict[str, Any], bytes, str]:
+    """The manifest the registry's ``checksum`` names, its bytes and its key; ``CorruptArtifactError`` when
+    it is missing, differs, or describes another model."""
+    key = f"{prefix(version)}/{manifest_name(checksum)}"
     try:
-        with location.open(f"{prefix(version)}/{MANIFEST}") as fh:
+        with location.open(key) as fh:
             data = fh.read()
-    except Exception as exc:  # a missing file, or a missing S3 object (S3Error)
-        raise CorruptArtifactError(f"model v{version}: {MANIFEST} is missing or unreadable at {where} ({exc})") from exc
+    except Exception as first:  # a missing file, or a missing S3 object (S3Error): try the legacy name
+        key = f"{prefix(version)}/{LEGACY_MANIFEST}"
+        try:
+            with location.open(key) as fh:
+                data = fh.read()
+        except Exception:
+            where = location.describe(f"{prefix(version)}/{manifest_name(checksum)}")
+            raise CorruptArtifactError(
+                f"model v{version}: its manifest {manifest_name(checksum)} is missing or unreadable at {where} "
+                f"({first})"
+            ) from first
+    where = location.describe(key)
     actual = hashlib.sha256(data).hexdigest()
-    if expected_checksum is not None and actual != expected_checksum:
+    if actual != checksum:
         raise CorruptArtifactError(
-            f"model v{version}: {MANIFEST} at {where} has sha256 {actual}, the registry expects {expected_checksum}"
+            f"model v{version}: manifest at {where} has sha256 {actual}, the registry expects {checksum}"
         )
     try:
-        manifest = orjson.loads(data)
-        files = manifest["files"]
+        found = orjson.loads(data)
+        files = found["files"]
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CorruptArtifactError(f"model v{version}: {MANIFEST} at {where} is not a model manifest") from exc
-    if manifest.get("model_version") != version or not isinstance(files, dict):
-        raise CorruptArtifactError(f"model v{version}: {MANIFEST} at {where} describes another model")
-    return manifest, data
+        raise CorruptArtifactError(f"model v{version}: {where} is not a model manifest") from exc
+    if found.get("model_version") != version or not isinstance(files, dict):
+        raise CorruptArtifactError(f"model v{version}: the manifest at {where} describes another model")
+    return found, data, key
 
 
-def manifest(settings: Settings, version: int, *, expected_manifest_checksum: str | None = None) -> dict[str, Any]:
-    """The manifest of a model version (verified against the registry's checksum when given)."""
+def manifest(settings: Settings, version: int, *, expected_manifest_checksum: str) -> dict[str, Any]:
+    """The manifest of a model version, verified against the registry's checksum."""
     location = open_location(settings.object_store_location, settings)
     return _load_manifest(location, version, expected_manifest_checksum)[0]
 
 
-def add(
-    settings: Settings, version: int, files: dict[str, Path], *, expected_manifest_checksum: str | None = None
-) -> str:
-    """Add files to a published model (an evaluation report written later) and rewrite its manifest.
+def add(settings: Settings, version: int, files: dict[str, Path], *, expected_manifest_checksum: str) -> str:
+    """Add files to a published model (an evaluation report written later) under a new manifest.
 
-    A file of the same name is replaced. Returns the new sha256 of the manifest, which the registry must record
-    (``versions.add_files`` does both).
+    A file of the same name is replaced (in the new manifest; its old bytes stay until ``sweep``). Nothing the
+    manifest ``expected_manifest_checksum`` names is written over. Returns the new manifest's sha256, which the
+    registry must commit (``versions.add_files`` does both, then sweeps).
     """
     if not files:
         raise ValueError(f"model v{version}: no files to add")
     location = open_location(settings.object_store_location, settings)
     current = _load_manifest(location, version, expected_manifest_checksum)[0]
-    current["files"].update(_put_files(location, version, files))
-    return _put_manifest(location, version, current)[1]
+    current["files"].update(_put_files(location, version, files, current["files"]))
+    return _put_manifest(location, version, current)
 
 
-def _entry(manifest: dict[str, Any], version: int, name: str) -> dict[str, Any]:
-    entry = manifest["files"].get(name)
+def sweep(settings: Settings, version: int, checksum: str) -> list[str]:
+    """Remove from ``models/v<version>/`` every object the manifest ``checksum`` (the committed one) does not
+    name; return the removed names. Call it holding the registry row's lock, so no add is under way."""
+    location = open_location(settings.object_store_location, settings)
+    found, _, manifest_key = _load_manifest(location, version, checksum)  # never sweep on an unreadable manifest
+    keep = {manifest_key} | {f"{prefix(version)}/{object_of(n, e)}" for n, e in found["files"].items()}
+    folder = open_location(f"{settings.object_store_location.rstrip('/')}/{prefix(version)}", settings)
+    removed = []
+    for stored in folder.list_files():
+        key = f"{prefix(version)}/{stored.name}"
+        if key not in keep:
+            location.delete(key)
+            removed.append(stored.name)
+    return removed
+
+
+def _entry(found: dict[str, Any], version: int, name: str) -> dict[str, Any]:
+    entry = found["files"].get(name)
     if entry is None:
-        known = ", ".join(sorted(manifest["files"])) or "none"
+        known = ", ".join(sorted(found["files"])) or "none"
         raise LookupError(f"model v{version} has no file {name!r} (files: {known})")
     return entry
 
 
-def _verify(version: int, name: str, where: str, entry: dict[str, Any], sha: str, size: int) -> None:
-    if sha != entry.get("sha256") or size != entry.get("bytes"):
-        raise CorruptArtifactError(
-            f"model v{version}: {name} at {where} is corrupt: expected sha256 {entry.get('sha256')} "
-            f"({entry.get('bytes')} bytes), found sha256 {sha} ({size} bytes)"
-        )
+def where(settings: Settings, version: int, names: list[str], *, expected_manifest_checksum: str) -> dict[str, str]:
+    """Where each named model file's bytes are stored (a path or an ``s3://`` URI), for links in reports."""
+    location = open_location(settings.object_store_location, settings)
+    found = _load_manifest(location, version, expected_manifest_checksum)[0]
+    return {
+        name: location.describe(f"{prefix(version)}/{object_of(name, _entry(found, version, name))}") for name in names
+    }
 
 
-def _missing(version: int, name: str, where: str, entry: dict[str, Any], exc: Exception) -> CorruptArtifactError:
-    return CorruptArtifactError(
-        f"model v{version}: {name} is missing or unreadable at {where} (expected sha256 {entry.get('sha256')}; "
-        f"{type(exc).__name__}: {exc})"
-    )
-
-
-def read(settings: Settings, version: int, name: str, *, expected_manifest_checksum: str | None = None) -> bytes:
+def read(settings: Settings, version: int, name: str, *, expected_manifest_checksum: str) -> bytes:
     """The verified bytes of one model file.
 
     Raises ``CorruptArtifactError`` when the manifest or the file is missing or differs from its checksum, and
@@ -165,47 +205,23 @@ def read(settings: Settings, version: int, name: str, *, expected_manifest_check
     """
     location = open_location(settings.object_store_location, settings)
     entry = _entry(_load_manifest(location, version, expected_manifest_checksum)[0], version, name)
-    key = f"{prefix(version)}/{name}"
-    try:
-        with location.open(key) as fh:
-            data = fh.read()
-    except Exception as exc:
-        raise _missing(version, name, location.describe(key), entry, exc) from exc
-    _verify(version, name, location.describe(key), entry, hashlib.sha256(data).hexdigest(), len(data))
-    return data
+    key = f"{prefix(version)}/{object_of(name, entry)}"
+    return read_verified(location, key, entry, f"model v{version}: {name}")
 
 
 def fetch(settings: Settings, version: int, folder: Path, checksum: str) -> Path:
     """Download every file of a model version into ``folder`` (with its manifest), verifying each; return it.
 
     ``checksum`` is the registry's sha256 of the manifest. A file is written under a temporary name and renamed
-    once verified, so ``folder`` never holds a corrupt file under its real name.
+    once verified, so ``folder`` never holds a corrupt file under its real name. The manifest is saved as
+    ``manifest.json`` in ``folder``.
     """
     location = open_location(settings.object_store_location, settings)
-    found, raw = _load_manifest(location, version, checksum)
+    found, raw, _ = _load_manifest(location, version, checksum)
     folder.mkdir(parents=True, exist_ok=True)
     for name in sorted(found["files"]):
         entry = found["files"][name]
-        target = folder / _check_name(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".part")
-        key = f"{prefix(version)}/{name}"
-        with contextlib.ExitStack() as stack:
-            try:
-                source = stack.enter_context(location.open(key))
-            except Exception as exc:  # a missing file, or a missing S3 object (S3Error)
-                raise _missing(version, name, location.describe(key), entry, exc) from exc
-            try:
-                digest, size = hashlib.sha256(), 0
-                with partial.open("wb") as out:
-                    while chunk := source.read(_CHUNK):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
-                _verify(version, name, location.describe(key), entry, digest.hexdigest(), size)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-        os.replace(partial, target)
-    (folder / MANIFEST).write_bytes(raw)
+        key = f"{prefix(version)}/{object_of(name, entry)}"
+        copy_verified(location, key, entry, f"model v{version}: {name}", folder / _check_name(name))
+    (folder / "manifest.json").write_bytes(raw)
     return folder

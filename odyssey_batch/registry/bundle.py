@@ -27,11 +27,12 @@ from odyssey_batch.sequences.labs import LabBins
 from odyssey_batch.sequences.store import open_dataset
 from odyssey_batch.sequences.vocab import Vocabulary
 from odyssey_batch.settings import Settings
-from odyssey_batch.storage import open_location
+from odyssey_batch.training import checkpoint
 from odyssey_batch.training.checkpoint import build_model
 from odyssey_batch.training.finetune import CALIBRATION_FILE, Example, best_checkpoint, predict_probabilities
 from odyssey_batch.training.runs import run_state
 
+_ATTEMPTS = 3  # downloads of a version whose files are being added to meanwhile
 BUNDLE_FILES = ("model.safetensors", "config.json", CALIBRATION_FILE, "vocabulary.json", "lab_bins.json",
                 "tasks.json")  # fmt: skip
 
@@ -45,12 +46,10 @@ def register_run(url: str, settings: Settings, run_id: int, *, extra_config: dic
     prefix = best_checkpoint(settings, run_id)
     if prefix is None:
         raise LookupError(f"finetuning run {run_id} has no checkpoint")
-    location = open_location(settings.object_store_location, settings)
     with tempfile.TemporaryDirectory(prefix="odyssey-bundle-") as tmp:
         folder = Path(tmp)
-        for name in ("model.safetensors", "config.json", CALIBRATION_FILE):
-            with location.open(f"{prefix}/{name}") as source:
-                (folder / name).write_bytes(source.read())
+        for name in ("model.safetensors", "config.json", CALIBRATION_FILE):  # verified: a tampered file is refused
+            (folder / name).write_bytes(checkpoint.read_file(settings, prefix, name))
         meta = json.loads((folder / "config.json").read_text())
         dataset = open_dataset(url, settings, meta["dataset_version"])
         (folder / "vocabulary.json").write_text(json.dumps(dataset.manifest["vocabulary"]))
@@ -102,11 +101,32 @@ class LoadedModel:
                                      device or torch.device("cpu"))  # fmt: skip
 
 
+def _fetch(url: str, settings: Settings, version: int, folder: Path) -> ModelVersion:
+    """Download and verify a version's files into ``folder``; return its registry row.
+
+    Files added to the version meanwhile (``versions.add_files``) switch its checksum and sweep what the new
+    manifest no longer names, which can remove a file this download still wanted: when the checksum changed
+    under a failed download, it starts again from the new one (a failure under an unchanged checksum is real).
+    """
+    registered = get(url, version)
+    for _ in range(_ATTEMPTS - 1):
+        try:
+            artifacts.fetch(settings, version, folder, registered.checksum)
+            return registered
+        except artifacts.CorruptArtifactError:
+            now = get(url, version)
+            if now.checksum == registered.checksum:
+                raise
+            registered = now
+    artifacts.fetch(settings, version, folder, registered.checksum)
+    return registered
+
+
 def load_model(url: str, settings: Settings, version: int) -> LoadedModel:
     """Download model ``version``, verify every file against the registry's checksum, and build it."""
-    registered = get(url, version)
     with tempfile.TemporaryDirectory(prefix="odyssey-model-") as tmp:
-        folder = artifacts.fetch(settings, version, Path(tmp), registered.checksum)
+        folder = Path(tmp)
+        registered = _fetch(url, settings, version, folder)
         meta = json.loads((folder / "config.json").read_text())
         model = build_model(meta, load_file(str(folder / "model.safetensors")))
         calibration = json.loads((folder / CALIBRATION_FILE).read_text())["tasks"]

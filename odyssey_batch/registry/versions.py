@@ -2,13 +2,17 @@
 
 A model is registered as a ``candidate``; ``promotion`` decides which version is the ``champion`` that scoring
 uses. Registering inserts the row and publishes the artifacts in one transaction, so a failed upload leaves no
-row behind (at worst an orphaned folder without a manifest under ``models/v<N>/``).
+row behind (at worst an orphaned folder under ``models/v<N>/`` whose number is never used again). Adding files
+later (``add_files``) switches the row's checksum to a new content-addressed manifest in one commit (see
+``artifacts``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,8 @@ from psycopg2.extras import Json
 from odyssey_batch.registry import artifacts
 from odyssey_batch.settings import Settings
 from odyssey_batch.warehouse import connect, transaction
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,13 +118,49 @@ def register(
         return fetch_version(cur, version)
 
 
-def add_files(url: str, settings: Settings, version: int, files: dict[str, Path]) -> ModelVersion:
-    """Add files to a registered model's artifacts (replacing same-named ones) and record the new checksum."""
+def add_files(
+    url: str,
+    settings: Settings,
+    version: int,
+    files: dict[str, Path],
+    *,
+    metrics: Callable[[dict[str, str]], dict[str, Any]] | None = None,
+) -> ModelVersion:
+    """Add files to a registered model's artifacts (replacing same-named ones) and record the new checksum.
+
+    The new files and manifest go under names the committed manifest does not use, and the row's checksum
+    switches to the new manifest in one commit, so a failure or a kill at any step leaves the version loading
+    exactly as before. ``metrics``, given where each added file is stored (name → path or URI), returns metrics
+    to merge into the row in the same commit (an evaluation's numbers and its report's link). After the commit,
+    what the new manifest no longer names is swept (``_sweep``).
+    """
     with transaction(url) as conn, conn.cursor() as cur:
-        current = fetch_version(cur, version, lock=True)  # one writer of the manifest at a time
+        current = fetch_version(cur, version, lock=True)  # one writer of the version's artifacts at a time
         checksum = artifacts.add(settings, version, files, expected_manifest_checksum=current.checksum)
-        cur.execute("UPDATE ops.model_version SET checksum = %s WHERE model_version = %s", (checksum, version))
-        return fetch_version(cur, version)
+        merged = {}
+        if metrics is not None:
+            merged = metrics(artifacts.where(settings, version, sorted(files), expected_manifest_checksum=checksum))
+        cur.execute(
+            "UPDATE ops.model_version SET checksum = %s, metrics = metrics || %s::jsonb WHERE model_version = %s",
+            (checksum, Json(merged), version),
+        )
+        updated = fetch_version(cur, version)
+    _sweep(url, settings, version)
+    return updated
+
+
+def _sweep(url: str, settings: Settings, version: int) -> None:
+    """Remove the objects of ``models/v<N>/`` that the committed manifest does not name, under the row's lock
+    (so no add is writing meanwhile). A failure here is logged, not raised: the add is committed, and the next
+    add sweeps again."""
+    try:
+        with transaction(url) as conn, conn.cursor() as cur:
+            committed = fetch_version(cur, version, lock=True)
+            removed = artifacts.sweep(settings, version, committed.checksum)
+        if removed:
+            log.info("model v%s: removed %d stored object(s) its manifest no longer names", version, len(removed))
+    except Exception as exc:  # the add itself is committed: leftovers are unreferenced and swept next time
+        log.warning("model v%s: could not sweep unreferenced objects (%s: %s)", version, type(exc).__name__, exc)
 
 
 def get(url: str, version: int) -> ModelVersion:

@@ -8,14 +8,34 @@ A location reads only what is inside it. Exports come from other organizations' 
 points), a special file (FIFO, socket, device), a name that is not UTF-8 (shown with escapes), a folder that cannot
 be listed, and an S3 key with an empty, ``.`` or ``..`` segment. ``open()`` re-checks the name and, locally, opens
 each path component without following links, so a file swapped for a link after the listing is refused too.
+
+Writes are atomic: a reader sees a stored file whole, in its old version or its new one, never part of it, and a
+writer killed mid-write leaves the old version (or nothing) under the name. ``put_file`` and ``put_bytes`` are
+the only ways to write, and both kinds keep that promise:
+
+- local: the bytes go to a temporary file in the target's own folder (``.<name>.<random>.partial``), are
+  fsynced, and ``os.replace`` renames it over the name (then the folder is fsynced, so the rename survives a
+  power cut). A kill leaves at most a ``.partial`` file, which no reader opens by name.
+- S3: a single PUT (or a multipart upload, which the client uses for large files) is atomic by S3's own
+  guarantee: the object under a key appears, or changes, only when the upload completes, and a failed upload
+  leaves the key as it was. So the object is uploaded straight under its key; no temporary key and copy are
+  needed (a copy would be one more atomic PUT). An abandoned multipart upload leaves invisible parts that a
+  bucket lifecycle rule (``AbortIncompleteMultipartUpload``) removes.
+
+Atomic writes make each file whole; publishing several files that must agree (a model version and its
+manifest, a checkpoint) is the caller's protocol on top (see ``registry.artifacts`` and
+``training.checkpoint``): new content goes under names that nothing committed refers to, and the pointer that
+commits it is written (or the registry row updated) last.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import stat
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -79,6 +99,10 @@ class Location(Protocol):
     def open(self, name: str) -> AbstractContextManager[BinaryIO]: ...
 
     def put_file(self, name: str, local_path: Path) -> str: ...
+
+    def put_bytes(self, name: str, data: bytes) -> str: ...
+
+    def delete(self, name: str) -> None: ...
 
     def describe(self, name: str) -> str: ...
 
@@ -179,11 +203,45 @@ class LocalLocation:
         os.set_blocking(file_fd, True)
         return file_fd
 
-    def put_file(self, name: str, local_path: Path) -> str:
-        target = self.root / name
+    def _target(self, name: str) -> Path:
+        target = (self.root / name).resolve()
+        if not name or target == self.root or not target.is_relative_to(self.root):
+            raise ValueError(f"{name!r} is not a file name inside {self.root}")
+        return target
+
+    def _write(self, name: str, copy) -> str:
+        """Write through ``copy(out)`` to a temporary file beside the target, fsync it, and rename it over."""
+        target = self._target(name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local_path, target)
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+        try:
+            with partial.open("wb") as out:
+                copy(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_folder(target.parent)
         return str(target)
+
+    def put_file(self, name: str, local_path: Path) -> str:
+        """Store a copy of ``local_path`` under ``name``, atomically; return where it lives."""
+
+        def copy(out: BinaryIO) -> None:
+            with Path(local_path).open("rb") as source:
+                shutil.copyfileobj(source, out, 1 << 20)
+
+        return self._write(name, copy)
+
+    def put_bytes(self, name: str, data: bytes) -> str:
+        """Store ``data`` under ``name``, atomically; return where it lives."""
+        return self._write(name, lambda out: out.write(data))
+
+    def delete(self, name: str) -> None:
+        """Remove a stored file (nothing happens when there is none)."""
+        self._target(name).unlink(missing_ok=True)
 
     def describe(self, name: str) -> str:
         return str(self._path(name))
@@ -240,11 +298,35 @@ class S3Location:
             response.release_conn()
 
     def put_file(self, name: str, local_path: Path) -> str:
+        """Upload ``local_path`` under ``name`` (atomic: S3 shows the object only once the upload completes)."""
         self.client.fput_object(self.bucket, self._key(name), str(local_path))
         return f"s3://{self.bucket}/{self._key(name)}"
 
+    def put_bytes(self, name: str, data: bytes) -> str:
+        """Upload ``data`` under ``name`` in one PUT (atomic)."""
+        self.client.put_object(self.bucket, self._key(name), io.BytesIO(data), len(data))
+        return f"s3://{self.bucket}/{self._key(name)}"
+
+    def delete(self, name: str) -> None:
+        """Remove an object (S3 answers success when there is none)."""
+        self.client.remove_object(self.bucket, self._key(name))
+
     def describe(self, name: str) -> str:
         return f"s3://{self.bucket}/{self._key(name)}"
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform can open a folder: not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def s3_client(settings: Settings):

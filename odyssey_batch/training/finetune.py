@@ -23,11 +23,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +43,14 @@ from odyssey_batch.sequences.store import open_dataset
 from odyssey_batch.sequences.tokens import STREAM_DTYPES, STREAMS, window
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage import open_location
-from odyssey_batch.training.checkpoint import latest_checkpoint, load_checkpoint, run_prefix, save_checkpoint
+from odyssey_batch.training.checkpoint import (
+    add_files,
+    latest_checkpoint,
+    load_checkpoint,
+    read_file,
+    run_prefix,
+    save_checkpoint,
+)
 from odyssey_batch.training.data import Streams, collate, length_batches, load_sequences
 from odyssey_batch.training.pretrain import Progress, lr_lambda, parameter_groups
 from odyssey_batch.training.runs import fail_run, finish_run, start_run, update_run
@@ -240,14 +245,6 @@ def calibrate(calibration: dict[str, dict], tasks: list[str], probabilities: np.
     return out
 
 
-def _put_json(settings: Settings, name: str, data: dict) -> str:
-    location = open_location(settings.object_store_location, settings)
-    with tempfile.TemporaryDirectory(prefix="odyssey-json-") as tmp:
-        path = Path(tmp) / Path(name).name
-        path.write_text(json.dumps(data, indent=2))
-        return location.put_file(name, path)
-
-
 def best_checkpoint(settings: Settings, run_id: int) -> str | None:
     """The prefix of a finetuning run's best checkpoint (its latest when the run has not finished)."""
     location = open_location(settings.object_store_location, settings)
@@ -259,9 +256,8 @@ def best_checkpoint(settings: Settings, run_id: int) -> str | None:
 
 
 def load_calibration(settings: Settings, prefix: str) -> dict[str, dict]:
-    location = open_location(settings.object_store_location, settings)
-    with location.open(f"{prefix}/{CALIBRATION_FILE}") as fh:
-        return json.loads(fh.read())
+    """A checkpoint's calibration, verified against its manifest."""
+    return json.loads(read_file(settings, prefix, CALIBRATION_FILE))
 
 
 def dataset_tasks(url: str, settings: Settings, pretrained: int | None) -> list[str]:
@@ -398,9 +394,10 @@ def finetune(
         model.load_state_dict(best_state)
         probabilities = expit(predict_logits(model, validation, options.batch_size, device))
         calibration = fit_calibration(validation, probabilities, options.calibration)
-        _put_json(settings, f"{best['prefix']}/{CALIBRATION_FILE}",
-                  {"method": options.calibration, "placement": options.placement, "tasks": calibration})  # fmt: skip
-        _put_json(settings, f"{run_prefix(run_id)}/best.json", {"prefix": best["prefix"], "epoch": best["epoch"]})
+        fitted = {"method": options.calibration, "placement": options.placement, "tasks": calibration}
+        add_files(settings, best["prefix"], {CALIBRATION_FILE: json.dumps(fitted, indent=2).encode()})
+        best_json = json.dumps({"prefix": best["prefix"], "epoch": best["epoch"]}).encode()
+        open_location(settings.object_store_location, settings).put_bytes(f"{run_prefix(run_id)}/best.json", best_json)
     except BaseException as exc:
         fail_run(url, run_id, exc)
         raise
