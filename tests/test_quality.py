@@ -210,6 +210,38 @@ def test_manifest_count_mismatch_rejects(db_url, settings, tmp_path):
     assert [(f.expectation, f.unexpected_count) for f in verdict.critical_failures] == [("manifest_counts_match", 1)]
 
 
+def test_a_file_not_read_to_its_end_rejects_the_run(db_url, settings, tmp_path):
+    """A truncated gzip and a link (never followed) leave the feed incomplete: the gate stops it. An empty file and
+    a good export beside them do not."""
+    import gzip
+
+    from odyssey_batch.cli.main import example_export
+
+    export = tmp_path / "export"
+    export.mkdir()
+    for path in example_export().iterdir():
+        (export / path.name).write_bytes(path.read_bytes())
+    compressed = gzip.compress((export / "Observation.ndjson").read_bytes())
+    (export / "Observation.ndjson").unlink()
+    (export / "Observation.ndjson.gz").write_bytes(compressed[: len(compressed) // 2])
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["output"] = [o for o in manifest["output"] if o["type"] != "Observation"]
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    outside = tmp_path / "outside.ndjson"
+    outside.write_text("{}\n")
+    (export / "Extra.ndjson").symlink_to(outside)
+    (export / "Empty.ndjson").write_bytes(b"")
+
+    result = ingest(str(export), settings, url=db_url)
+    verdict = validate(db_url, settings, result.run_id, data_docs=False)
+
+    assert [(f.expectation, f.unexpected_count) for f in verdict.critical_failures] == [("files_read_whole", 2)]
+    assert "ingest: files_read_whole" in verdict.message()
+    reasons = run_sql(db_url, "SELECT source, reason FROM ops.quarantine WHERE kind = 'file' ORDER BY source")
+    assert [source for source, _ in reasons] == ["Empty.ndjson", "Extra.ndjson", "Observation.ndjson.gz"]
+    assert dict(reasons)["Extra.ndjson"] == "symlink"
+
+
 def test_later_stages_refuse_rejected_or_unvalidated_runs_unless_accepted(planted):
     url, run_id, settings = planted
     assert ensure_usable(url) == [run_id]  # validated

@@ -345,6 +345,14 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     sql=f"SELECT run_id FROM {{batch}} WHERE transaction_time > {thresholds.received_by('')}",
                 ),
                 Check(
+                    "files_read_whole",
+                    "critical",
+                    "every file of the export was read to its end (no link, special file, unreadable name, corrupt "
+                    "or truncated compression, or file over the size limits)",
+                    sql="SELECT q.run_id, q.source, q.reason FROM ops.quarantine q JOIN {batch} b USING (run_id) "
+                    "WHERE q.kind = 'file' AND q.reason NOT IN ('empty-file', 'missing-file')",
+                ),
+                Check(
                     "manifest_files_present",
                     "critical",
                     "every file the manifest lists was there",
