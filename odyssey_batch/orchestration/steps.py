@@ -139,14 +139,15 @@ def evaluate_and_promote(version: int, seeds: int) -> dict[str, Any]:
             "report": evaluation.report.get("report/report.html")}  # fmt: skip
 
 
-def start_scoring(as_of: str, partitions: int, cohort: str = "triggers") -> int:
-    """A new scoring run as of ``as_of`` (ISO time); a ``PermanentError`` when no champion exists."""
+def start_scoring(as_of: str, partitions: int, cohort: str = "triggers", run_key: str | None = None) -> int:
+    """A new scoring run as of ``as_of`` (ISO time); a ``PermanentError`` when no champion exists. With
+    ``run_key`` (the DAG run), a retried start returns the run its earlier try started."""
     from odyssey_batch.scoring.run import ScoreOptions, start_run
 
     url, settings = context()
     try:
         return start_run(url, settings, dt.datetime.fromisoformat(as_of),
-                         ScoreOptions(partitions=partitions, cohort=cohort))  # fmt: skip
+                         ScoreOptions(partitions=partitions, cohort=cohort), run_key=run_key)  # fmt: skip
     except LookupError as exc:
         raise PermanentError(str(exc)) from exc
 
@@ -159,20 +160,26 @@ def score_partition(run_id: int, partition: int) -> dict[str, Any]:
 
 
 def commit_scoring(run_id: int) -> dict[str, Any]:
-    """Make the run visible (all partitions must have succeeded) and report drift."""
-    from odyssey_batch.scoring.run import commit_run
+    """Make the run visible (all partitions must have succeeded) and report drift and what the gate held back. A
+    run that is no longer running (failed, abandoned) is a ``PermanentError``: no retry can publish it."""
+    from odyssey_batch.scoring.run import RunNotRunning, commit_run
 
     url, settings = context()
-    result = commit_run(url, settings, run_id)
+    try:
+        result = commit_run(url, settings, run_id)
+    except RunNotRunning as exc:
+        raise PermanentError(str(exc)) from exc
     return {"run_id": run_id, "n_patients": result.n_patients, "n_scores": result.n_scores,
-            "drift_flagged": result.drift_flagged, "drift_reasons": result.drift["reasons"]}  # fmt: skip
+            "drift_flagged": result.drift_flagged, "drift_reasons": result.drift["reasons"],
+            "held_back_runs": result.held_back_runs, "held_back_patients": result.held_back_patients}  # fmt: skip
 
 
-def fail_scoring(run_id: int, reason: str) -> None:
+def fail_scoring(run_id: int, reason: str) -> bool:
+    """Mark the run failed unless it is no longer running (a committed run is never touched); whether it did."""
     from odyssey_batch.scoring.run import fail_run
 
     url, _ = context()
-    fail_run(url, run_id, RuntimeError(reason))
+    return fail_run(url, run_id, RuntimeError(reason))
 
 
 def call(step, *args: Any, **kwargs: Any) -> Any:
