@@ -98,13 +98,19 @@ def build_dataset() -> dict[str, Any]:
     return {"dataset_version": result.dataset_version_id, "patients": result.patients, "tokens": result.tokens}
 
 
-def pretrain_model(preset: str, steps: int, epochs: float, max_length: int, seed: int) -> int:
-    """Pretrain on the latest dataset version; returns the training run."""
+def pretrain_model(preset: str, steps: int, epochs: float, max_length: int, seed: int,
+                   run_key: str | None = None) -> int:  # fmt: skip
+    """Pretrain on the latest dataset version; returns the training run. With ``run_key`` (the DAG run), a retry
+    returns the run an earlier try of the same work finished instead of training again."""
     from odyssey_batch.training.pretrain import PretrainOptions, pretrain
+    from odyssey_batch.training.runs import keyed_run
 
     url, settings = context()
+    done = keyed_run(url, "pretrain", run_key) if run_key else None
+    if done is not None:
+        return done
     options = PretrainOptions(preset=preset, steps=steps, epochs=epochs, max_length=max_length, seed=seed)
-    return pretrain(url, settings, None, options).training_run_id
+    return pretrain(url, settings, None, options, run_key=run_key).training_run_id
 
 
 def latest_pretraining_run() -> int:
@@ -117,14 +123,20 @@ def latest_pretraining_run() -> int:
     return run
 
 
-def finetune_model(pretrained: int, epochs: int, max_length: int, seed: int) -> int:
-    """Multitask finetuning from ``pretrained``; registers and returns the candidate model version."""
+def finetune_model(pretrained: int, epochs: int, max_length: int, seed: int, run_key: str | None = None) -> int:
+    """Multitask finetuning from ``pretrained``; registers and returns the candidate model version. With
+    ``run_key`` (the DAG run), a retry registers nothing new: the finetuning run an earlier try finished gives back
+    its version (registered now if that try died in between), and a run that try left unfinished is abandoned."""
     from odyssey_batch.registry.bundle import register_run
     from odyssey_batch.training.finetune import FinetuneOptions, finetune
+    from odyssey_batch.training.runs import keyed_run
 
     url, settings = context()
-    result = finetune(url, settings, pretrained, FinetuneOptions(epochs=epochs, max_length=max_length, seed=seed))
-    return register_run(url, settings, result.training_run_id).model_version
+    done = keyed_run(url, "finetune", run_key) if run_key else None
+    if done is None:
+        options = FinetuneOptions(epochs=epochs, max_length=max_length, seed=seed)
+        done = finetune(url, settings, pretrained, options, run_key=run_key).training_run_id
+    return register_run(url, settings, done).model_version
 
 
 def evaluate_and_promote(version: int, seeds: int) -> dict[str, Any]:

@@ -86,6 +86,9 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="odyssey-heartbeat", daemon=True)
 
     def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def start(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -124,6 +127,14 @@ def heartbeat(url: str, settings: Settings, *targets: tuple[str, Any]) -> Heartb
     return Heartbeat(url, targets, interval_seconds(settings))
 
 
+def _locked(spec: RunKind, condition: str) -> str:
+    """The unfinished runs matching ``condition``, locked; a run whose row another transaction holds (a commit in
+    progress: its process is alive) is skipped rather than waited for."""
+    key = ", ".join(spec.key)
+    return (f"({key}) IN (SELECT {key} FROM {spec.table} WHERE status = %s AND ({condition}) "
+            "FOR UPDATE SKIP LOCKED)")  # fmt: skip
+
+
 def abandon(
     cur: psycopg2.extensions.cursor, kind: str, condition: str, params: Sequence[Any], reason: str
 ) -> list[Key]:
@@ -132,7 +143,7 @@ def abandon(
     spec = KINDS[kind]
     cur.execute(
         f"""UPDATE {spec.table} SET status = 'abandoned', finished_at = now(), error = %s
-            WHERE status = %s AND ({condition}) RETURNING {", ".join(spec.key)}""",
+            WHERE {_locked(spec, condition)} RETURNING {", ".join(spec.key)}""",
         (reason, spec.working, *params),
     )
     return sorted(tuple(row) for row in cur.fetchall())
@@ -147,7 +158,7 @@ def sweep(cur: psycopg2.extensions.cursor, kind: str, stale_minutes: float) -> l
                    error = format('abandoned: no heartbeat since %%s (more than %%s minutes): the process working '
                                   'on it died or was killed', to_char(heartbeat_at AT TIME ZONE 'UTC',
                                   'YYYY-MM-DD"T"HH24:MI:SS"Z"'), %s::text)
-            WHERE status = %s AND heartbeat_at < now() - make_interval(secs => %s)
+            WHERE {_locked(spec, "heartbeat_at < now() - make_interval(secs => %s)")}
             RETURNING {", ".join(spec.key)}""",
         (f"{stale_minutes:g}", spec.working, stale_minutes * 60.0),
     )
