@@ -345,10 +345,21 @@ def test_scoring_holds_back_patients_of_an_unaccepted_rejected_run_until_it_is_a
     held_back(scoring.score(url, settings, as_of))  # not validated yet: held back
     assert not validate(url, settings, run, data_docs=False).success
     held_back(scoring.score(url, settings, as_of))  # rejected, nobody accepted it: held back
+    # forecasting refuses such a patient too (another patient is forecast as before)
+    from odyssey_batch.forecast.render import patient_history
+    from odyssey_batch.quality.gate import RunRejected
+    from odyssey_batch.sequences.store import open_dataset
+
+    dataset = open_dataset(url, settings, load_model(url, settings, champion["version"]).dataset_version)
+    with pytest.raises(RunRejected, match=f"ingest run\\(s\\) {run}, rejected by the data-quality gate"):
+        patient_history(url, dataset, touched[0])
+    other = sorted({p for p, *_ in scores} - set(touched))[0]
+    assert patient_history(url, dataset, other).streams["token_ids"].size > 0
     accept_run(url, run, "checked with the sending hospital", accepted_by="test")
     accepted = scoring.score(url, settings, as_of)
     assert accepted.held_back_runs == [] and accepted.held_back_patients == 0
     assert {p for p, *_ in latest(url)} == {p for p, *_ in scores}
+    assert patient_history(url, dataset, touched[0]).streams["token_ids"].size > 0
 
 
 def test_drift_against_previous_runs_and_the_command(champion):

@@ -294,6 +294,17 @@ def patients_of_runs(cur, run_ids: list[int]) -> set[str]:
     return {row[0] for row in cur.fetchall()}
 
 
+def held_back_for(cur, patient_id: str) -> list[int]:
+    """The unusable ingest runs (``unusable_runs``) with a resource of this patient: none of the patient's data may
+    be used while there is one (scoring holds the patient back, forecasting refuses)."""
+    held = unusable_runs(cur)
+    if not held:
+        return []
+    cur.execute("SELECT DISTINCT run_id FROM fhir.resource WHERE patient_id = %s AND run_id = ANY(%s) ORDER BY 1",
+                (patient_id, held))  # fmt: skip
+    return [row[0] for row in cur.fetchall()]
+
+
 def ensure_usable(
     url: str, run_ids: list[int] | None = None, *, accept: set[int] | None = None, accepted_by: str | None = None
 ) -> list[int]:
