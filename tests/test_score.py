@@ -316,12 +316,14 @@ def test_scoring_holds_back_patients_of_an_unaccepted_rejected_run_until_it_is_a
 
     url, as_of = champion["url"], champion["as_of"]
     settings = Settings(**{**champion["settings"].__dict__, "explain_band": "none"})
-    good = scoring.score(url, settings, as_of)
+    active = scoring.ScoreOptions(cohort="active")  # everyone seen in the last 30 days
+    good = scoring.score(url, settings, as_of, active)
     assert good.held_back_runs == [] and good.held_back_patients == 0
     scores = latest(url)
     # a later export re-delivers one encounter of each of three scored patients (changed), beside broken lines:
     # the gate rejects it, but the merge replaced those encounters in the warehouse
     touched = sorted({p for p, *_ in scores})[:3]
+    assert len({p for p, *_ in scores}) > 10
     bodies = run_sql(url, """SELECT DISTINCT ON (patient_id) body FROM fhir.resource
                              WHERE resource_type = 'Encounter' AND patient_id = ANY(%s)
                              ORDER BY patient_id, resource_id""", (touched,))  # fmt: skip
@@ -342,9 +344,9 @@ def test_scoring_holds_back_patients_of_an_unaccepted_rejected_run_until_it_is_a
         assert run_sql(url, "SELECT held_back_runs, held_back_patients FROM risk.scoring_runs WHERE run_id = %s",
                        (result.run_id,)) == [([run], 3)]  # fmt: skip
 
-    held_back(scoring.score(url, settings, as_of))  # not validated yet: held back
+    held_back(scoring.score(url, settings, as_of, active))  # not validated yet: held back
     assert not validate(url, settings, run, data_docs=False).success
-    held_back(scoring.score(url, settings, as_of))  # rejected, nobody accepted it: held back
+    held_back(scoring.score(url, settings, as_of, active))  # rejected, nobody accepted it: held back
     # forecasting refuses such a patient too (another patient is forecast as before)
     from odyssey_batch.forecast.render import patient_history
     from odyssey_batch.quality.gate import RunRejected
@@ -356,7 +358,7 @@ def test_scoring_holds_back_patients_of_an_unaccepted_rejected_run_until_it_is_a
     other = sorted({p for p, *_ in scores} - set(touched))[0]
     assert patient_history(url, dataset, other).streams["token_ids"].size > 0
     accept_run(url, run, "checked with the sending hospital", accepted_by="test")
-    accepted = scoring.score(url, settings, as_of)
+    accepted = scoring.score(url, settings, as_of, active)
     assert accepted.held_back_runs == [] and accepted.held_back_patients == 0
     assert {p for p, *_ in latest(url)} == {p for p, *_ in scores}
     assert patient_history(url, dataset, touched[0]).streams["token_ids"].size > 0
