@@ -39,11 +39,11 @@ DEFAULTS = {"retries": 2, "retry_delay": dt.timedelta(minutes=2), "retry_exponen
 )
 def nightly_scoring():
     @task(execution_timeout=dt.timedelta(minutes=10))
-    def start(params: dict | None = None, logical_date=None, run_after=None) -> dict:
+    def start(params: dict | None = None, logical_date=None, run_after=None, run_id=None) -> dict:
         from odyssey_batch.orchestration import steps
 
-        when = params["as_of"] or (logical_date or run_after).isoformat()
-        run_id = steps.call(steps.start_scoring, when, params["partitions"], params["cohort"])
+        when = params["as_of"] or (logical_date or run_after).isoformat()  # a retry reuses its DAG run's run
+        run_id = steps.call(steps.start_scoring, when, params["partitions"], params["cohort"], f"nightly/{run_id}")
         return {"run_id": run_id, "partitions": list(range(params["partitions"]))}
 
     @task
@@ -76,9 +76,10 @@ def nightly_scoring():
         from odyssey_batch.orchestration import steps
 
         started = ti.xcom_pull(task_ids="start")
-        if started:
-            steps.fail_scoring(started["run_id"], "a partition or the commit failed in Airflow")
-            raise AirflowFailException(f"scoring run {started['run_id']} failed; the previous scores stay")
+        if started:  # a no-op on a run that was committed before its task failed: published scores stay
+            failed = steps.fail_scoring(started["run_id"], "a partition or the commit failed in Airflow")
+            state = "failed; the previous scores stay" if failed else "was not running (committed, or failed before)"
+            raise AirflowFailException(f"scoring run {started['run_id']} {state}")
         raise AirflowFailException("no scoring run was started (see the start task)")
 
     started = start()

@@ -42,20 +42,21 @@ DEFAULTS = {"retries": 1, "retry_delay": dt.timedelta(minutes=5), "retry_exponen
 )
 def retrain():
     @task(queue=QUEUE, execution_timeout=dt.timedelta(hours=24))
-    def pretrain(params: dict | None = None) -> int:
+    def pretrain(params: dict | None = None, run_id=None) -> int:
         from odyssey_batch.orchestration import steps
 
         if params["mode"] == "finetune":
             return steps.call(steps.latest_pretraining_run)
         return steps.call(steps.pretrain_model, params["preset"], params["pretrain_steps"], params["pretrain_epochs"],
-                          params["max_length"], params["seed"])  # fmt: skip
+                          params["max_length"], params["seed"], f"retrain/{run_id}/pretrain")  # fmt: skip
 
     @task(queue=QUEUE, execution_timeout=dt.timedelta(hours=24))
-    def finetune(pretrained: int, params: dict | None = None) -> int:
+    def finetune(pretrained: int, params: dict | None = None, run_id=None) -> int:
         from odyssey_batch.orchestration import steps
 
+        # a retry of the same DAG run reuses what an earlier try trained: one candidate per DAG run
         return steps.call(steps.finetune_model, pretrained, params["finetune_epochs"], params["max_length"],
-                          params["seed"])  # fmt: skip
+                          params["seed"], f"retrain/{run_id}/finetune")  # fmt: skip
 
     @task(outlets=[MODELS], execution_timeout=dt.timedelta(hours=6))
     def evaluate_and_promote(version: int, params: dict | None = None) -> dict:

@@ -90,6 +90,10 @@ class Settings:
     drift_psi_threshold: float = 0.2
     drift_max_unknown_rate: float = 0.05
     drift_history_runs: int = 7
+    # Runs that died: every working run refreshes its heartbeat every ``heartbeat_seconds``; an unfinished run
+    # whose heartbeat is older than ``stale_run_minutes`` is swept to `abandoned` by the next run of its kind.
+    stale_run_minutes: float = 30.0
+    heartbeat_seconds: float = 60.0
 
     @property
     def embedded(self) -> bool:

@@ -31,7 +31,7 @@ VIEW_COLUMNS = {
     "latest_explanation": "patient_id task rank token display event_time attribution run_id",
     "scoring_runs": (
         "run_id as_of model_version dataset_version cohort started_at finished_at n_patients n_scores patients_per_s "
-        "unknown_rate drift_flagged drift"
+        "unknown_rate drift_flagged drift held_back_runs held_back_patients"
     ),
 }
 

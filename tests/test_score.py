@@ -181,6 +181,189 @@ def test_scoring_runs_are_atomic_partitioned_and_replace_the_same_date(champion,
     assert same_scores(latest(url), scores)
 
 
+RISK_TABLES = {"risk.scoring_run": "run_id", "risk.scoring_partition": "run_id, partition",
+               "risk.score": "run_id, patient_id, task", "risk.explanation": "run_id, patient_id, task, rank",
+               "risk.score_distribution": "run_id, task"}  # fmt: skip
+
+
+def published(url: str, *, without: tuple[int, ...] = ()) -> dict[str, list[tuple]]:
+    """The full contents of every risk table (every column), but for the runs ``without``."""
+    return {table: run_sql(url, f"SELECT * FROM {table} WHERE run_id <> ALL(%s) ORDER BY {key}", (list(without),))
+            for table, key in RISK_TABLES.items()}  # fmt: skip
+
+
+def run_state(url: str, run_id: int) -> tuple[str, str | None]:
+    return run_sql(url, "SELECT status, error FROM risk.scoring_run WHERE run_id = %s", (run_id,))[0]
+
+
+def test_a_failure_handler_after_the_commit_changes_nothing_published(champion, monkeypatch):
+    url, settings, as_of = champion["url"], champion["settings"], champion["as_of"]
+    committed = scoring.score(url, settings, as_of, scoring.ScoreOptions(partitions=2))
+    before = published(url)
+    assert before["risk.score"] and before["risk.explanation"] and before["risk.scoring_run"][-1][0] == committed.run_id
+    # the commit task timed out (or its worker died) after its transaction committed: Airflow's failure leaf
+    # calls the clean-up through the same step the DAG uses
+    monkeypatch.setenv("ODYSSEY_DATABASE_URL", url)
+    monkeypatch.setenv("ODYSSEY_HOME", str(settings.home))
+    from odyssey_batch.orchestration import steps
+
+    assert steps.fail_scoring(committed.run_id, "a partition or the commit failed in Airflow") is False
+    assert scoring.fail_run(url, committed.run_id, RuntimeError("injected after the commit")) is False
+    assert published(url) == before
+    # a retried commit, or a retried partition, of the committed run is refused and changes nothing
+    with pytest.raises(scoring.RunNotRunning, match="is succeeded, not running"):
+        scoring.commit_run(url, settings, committed.run_id)
+    with pytest.raises(scoring.RunNotRunning, match="is succeeded, not running"):
+        scoring.score_partition(url, settings, committed.run_id, 1)
+    assert published(url) == before
+
+
+def test_a_dead_or_failed_run_is_never_committed_and_its_rows_go(champion):
+    url, settings, as_of = champion["url"], champion["settings"], champion["as_of"]
+    before = published(url)
+    # a run whose process died after scoring its partition, before the commit
+    dead = scoring.start_run(url, settings, as_of)
+    scoring.score_partition(url, settings, dead, 0)
+    assert run_sql(url, "SELECT count(*) > 0 FROM risk.score WHERE run_id = %s", (dead,)) == [(True,)]
+    run_sql(url, "UPDATE risk.scoring_run SET heartbeat_at = now() - interval '31 minutes' WHERE run_id = %s", (dead,))
+    late = scoring.start_run(url, settings, as_of)  # the next run of its kind sweeps it
+    status, error = run_state(url, dead)
+    assert status == "abandoned" and "no heartbeat since" in error and "more than 30 minutes" in error
+    assert run_sql(url, "SELECT count(*) FROM risk.score WHERE run_id = %s", (dead,)) == [(0,)]
+    assert run_sql(url, "SELECT count(*) FROM risk.explanation WHERE run_id = %s", (dead,)) == [(0,)]
+    with pytest.raises(scoring.RunNotRunning, match=r"is abandoned .*no heartbeat since.*not running"):
+        scoring.commit_run(url, settings, dead)
+    with pytest.raises(scoring.RunNotRunning, match="is abandoned"):
+        scoring.score_partition(url, settings, dead, 0)
+    assert run_sql(url, "SELECT count(*) FROM risk.score WHERE run_id = %s", (dead,)) == [(0,)]
+    # a failed run: never committed either
+    assert run_state(url, late) == ("running", None)
+    assert scoring.fail_run(url, late, RuntimeError("a partition failed for good")) is True
+    with pytest.raises(scoring.RunNotRunning, match=r"is failed .*a partition failed for good"):
+        scoring.commit_run(url, settings, late)
+    assert run_state(url, late)[0] == "failed" and run_state(url, dead)[0] == "abandoned"
+    assert published(url, without=(dead, late)) == before
+
+
+def test_a_partition_is_not_written_into_a_run_that_failed_meanwhile(champion, monkeypatch):
+    url, settings, as_of = champion["url"], champion["settings"], champion["as_of"]
+    before = published(url)
+    run = scoring.start_run(url, settings, as_of, scoring.ScoreOptions(partitions=2))
+    real = scoring._score
+
+    def another_partition_fails_for_good(conn, *args):
+        scored = real(conn, *args)
+        assert scored.rows
+        scoring.fail_run(url, run, RuntimeError("partition 1 failed for good"))  # the failure leaf, meanwhile
+        return scored
+
+    monkeypatch.setattr(scoring, "_score", another_partition_fails_for_good)
+    with pytest.raises(scoring.RunNotRunning, match="is failed"):
+        scoring.score_partition(url, settings, run, 0, scoring.ScoreOptions(partitions=2))
+    assert run_sql(url, "SELECT count(*) FROM risk.score WHERE run_id = %s", (run,)) == [(0,)]
+    assert run_sql(url, "SELECT partition, status FROM risk.scoring_partition WHERE run_id = %s", (run,)) == [
+        (0, "failed")
+    ]
+    assert published(url, without=(run,)) == before
+
+
+def test_a_retried_start_reuses_its_run(champion):
+    url, settings, as_of = champion["url"], champion["settings"], champion["as_of"]
+    key = "nightly/scheduled__2026-01-02T02:00:00+00:00"
+    first = scoring.start_run(url, settings, as_of, scoring.ScoreOptions(partitions=2), run_key=key)
+    assert scoring.start_run(url, settings, as_of, scoring.ScoreOptions(partitions=2), run_key=key) == first
+    assert run_sql(url, "SELECT count(*) FROM risk.scoring_run WHERE status = 'running'") == [(1,)]
+    other = scoring.start_run(url, settings, as_of, scoring.ScoreOptions(partitions=1), run_key=key)
+    assert other != first and run_state(url, first) == (
+        "abandoned", "abandoned: superseded by a retried start of the same work with other options")  # fmt: skip
+    scoring.score_partition(url, settings, other, 0)
+    assert scoring.commit_run(url, settings, other).status == "succeeded"
+    # the next night's key is other work: a new run
+    assert scoring.start_run(url, settings, as_of, run_key=key.replace("01-02", "01-03")) != other
+
+
+def test_a_retried_finetune_registers_one_candidate(champion, monkeypatch):
+    url, settings = champion["url"], champion["settings"]
+    monkeypatch.setenv("ODYSSEY_DATABASE_URL", url)
+    monkeypatch.setenv("ODYSSEY_HOME", str(settings.home))
+    from odyssey_batch.orchestration import steps
+
+    parent = run_sql(url, "SELECT max(training_run_id) FROM ops.training_run WHERE kind = 'pretrain'")[0][0]
+    key = "retrain/manual__2026-01-04/finetune"
+    # the first try died while training: its run was left running under the key
+    died = run_sql(url, """INSERT INTO ops.training_run (kind, dataset_version_id, preset, backend, device, seed,
+                                                         options, parent_run_id, run_key)
+                           SELECT 'finetune', dataset_version_id, preset, backend, device, seed, options,
+                                  training_run_id, %s
+                           FROM ops.training_run WHERE training_run_id = %s RETURNING training_run_id""",
+                   (key, parent))[0][0]  # fmt: skip
+    versions_before = run_sql(url, "SELECT count(*) FROM ops.model_version")[0][0]
+    version = steps.finetune_model(parent, 1, 128, 0, key)
+    assert run_sql(url, "SELECT status, error FROM ops.training_run WHERE training_run_id = %s", (died,)) == [
+        ("abandoned", "abandoned: its try of the work ended without finishing; a retry took over")]  # fmt: skip
+    # the task failed after registering (say, pushing its result): the retry registers nothing new
+    assert steps.finetune_model(parent, 1, 128, 0, key) == version
+    assert run_sql(url, "SELECT count(*) FROM ops.model_version")[0][0] == versions_before + 1
+    assert run_sql(url, "SELECT status, count(*) FROM ops.training_run WHERE run_key = %s GROUP BY 1 ORDER BY 1",
+                   (key,)) == [("abandoned", 1), ("succeeded", 1)]  # fmt: skip
+    assert run_sql(url, "SELECT status FROM ops.model_version WHERE model_version = %s", (version,)) == [
+        ("candidate",)]  # fmt: skip
+
+
+def test_scoring_holds_back_patients_of_an_unaccepted_rejected_run_until_it_is_accepted(champion, tmp_path):
+    from odyssey_batch.ingest import ingest
+    from odyssey_batch.quality.gate import accept_run, validate
+
+    url, as_of = champion["url"], champion["as_of"]
+    settings = Settings(**{**champion["settings"].__dict__, "explain_band": "none"})
+    active = scoring.ScoreOptions(cohort="active")  # everyone seen in the last 30 days
+    good = scoring.score(url, settings, as_of, active)
+    assert good.held_back_runs == [] and good.held_back_patients == 0
+    scores = latest(url)
+    # a later export re-delivers one encounter of each of three scored patients (changed), beside broken lines:
+    # the gate rejects it, but the merge replaced those encounters in the warehouse
+    touched = sorted({p for p, *_ in scores})[:3]
+    assert len({p for p, *_ in scores}) > 10
+    bodies = run_sql(url, """SELECT DISTINCT ON (patient_id) body FROM fhir.resource
+                             WHERE resource_type = 'Encounter' AND patient_id = ANY(%s)
+                             ORDER BY patient_id, resource_id""", (touched,))  # fmt: skip
+    export = tmp_path / "later-export"
+    export.mkdir()
+    lines = [json.dumps({**body, "language": "en", "meta": {"versionId": "2", "lastUpdated": "2026-01-01T00:00:00Z"}})
+             for (body,) in bodies] + ["{not json"] * 3  # fmt: skip
+    (export / "Encounter.ndjson").write_text("\n".join(lines) + "\n")
+    run = ingest(str(export), settings, url=url).run_id
+    assert run_sql(url, "SELECT DISTINCT patient_id FROM ehr.encounter WHERE run_id = %s ORDER BY 1", (run,)) == [
+        (p,) for p in touched]  # fmt: skip
+
+    def held_back(result) -> None:
+        assert result.held_back_runs == [run] and result.held_back_patients == 3
+        now = latest(url)
+        assert not {p for p, *_ in now} & set(touched)
+        assert same_scores(now, [s for s in scores if s[0] not in touched])  # everyone else as before
+        assert run_sql(url, "SELECT held_back_runs, held_back_patients FROM risk.scoring_runs WHERE run_id = %s",
+                       (result.run_id,)) == [([run], 3)]  # fmt: skip
+
+    held_back(scoring.score(url, settings, as_of, active))  # not validated yet: held back
+    assert not validate(url, settings, run, data_docs=False).success
+    held_back(scoring.score(url, settings, as_of, active))  # rejected, nobody accepted it: held back
+    # forecasting refuses such a patient too (another patient is forecast as before)
+    from odyssey_batch.forecast.render import patient_history
+    from odyssey_batch.quality.gate import RunRejected
+    from odyssey_batch.sequences.store import open_dataset
+
+    dataset = open_dataset(url, settings, load_model(url, settings, champion["version"]).dataset_version)
+    with pytest.raises(RunRejected, match=f"ingest run\\(s\\) {run}, rejected by the data-quality gate"):
+        patient_history(url, dataset, touched[0])
+    other = sorted({p for p, *_ in scores} - set(touched))[0]
+    assert patient_history(url, dataset, other).streams["token_ids"].size > 0
+    accept_run(url, run, "checked with the sending hospital", accepted_by="test")
+    accepted = scoring.score(url, settings, as_of, active)
+    assert accepted.held_back_runs == [] and accepted.held_back_patients == 0
+    assert {p for p, *_ in latest(url)} == {p for p, *_ in scores}
+    assert patient_history(url, dataset, touched[0]).streams["token_ids"].size > 0
+
+
 def test_drift_against_previous_runs_and_the_command(champion):
     url, as_of = champion["url"], champion["as_of"]
     settings = Settings(**{**champion["settings"].__dict__, "explain_band": "none"})

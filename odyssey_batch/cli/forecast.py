@@ -91,6 +91,7 @@ def forecast(
     from odyssey_batch.forecast.generate import generate
     from odyssey_batch.forecast.render import generated_rows, history_rows, patient_history
     from odyssey_batch.forecast.runs import load_pretrained
+    from odyssey_batch.quality.gate import RunRejected
     from odyssey_batch.sequences.tokens import window
     from odyssey_batch.warehouse import database_url
 
@@ -100,7 +101,7 @@ def forecast(
     try:
         pretrained = load_pretrained(url, settings, run)
         patient = patient_history(url, pretrained.dataset, patient_id)
-    except LookupError as exc:
+    except (LookupError, RunRejected) as exc:
         err_console.print(f"[red]forecast failed:[/] {exc}")
         raise typer.Exit(2) from exc
     streams = patient.streams

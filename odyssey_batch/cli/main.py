@@ -873,6 +873,10 @@ def score(
                   f"patients/s; unknown-token rate {data['unknown_rate']:.2%}.")  # fmt: skip
     if data["drift_flagged"]:
         console.print("[yellow]Drift flagged:[/] " + "; ".join(data["drift"]["reasons"]))
+    if data["held_back_runs"]:
+        console.print(f"[yellow]Held back:[/] {data['held_back_patients']:,} patient(s) with data from ingest run(s) "
+                      f"{', '.join(map(str, data['held_back_runs']))}, rejected by the quality gate and not accepted "
+                      "(or not validated yet): not scored tonight")  # fmt: skip
     console.print('Query it: psql "$(odyssey-batch db url)" -c "SELECT * FROM risk.high_risk_today"')
 
 

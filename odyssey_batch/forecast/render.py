@@ -158,10 +158,24 @@ def generated_rows(
 
 def patient_history(url: str, dataset: Dataset, patient_id: str) -> PatientHistory:
     """The patient's sequence rebuilt from the warehouse with ``dataset``'s vocabulary and lab bins (as
-    ``sequences.view.patient_view`` and tokenization build it), with each token's meaning."""
+    ``sequences.view.patient_view`` and tokenization build it), with each token's meaning. Refused (``RunRejected``)
+    while an ingest run the gate did not let through (``quality.gate.held_back_for``) holds data of the patient."""
+    from odyssey_batch.quality.gate import RunRejected, held_back_for
     from odyssey_batch.sequences.dataset import encode
     from odyssey_batch.sequences.view import patient_sequence
+    from odyssey_batch.warehouse import connect
 
+    conn = connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            held = held_back_for(cur, patient_id)
+    finally:
+        conn.close()
+    if held:  # the quality gate protects forecasts as it protects scores
+        runs = ", ".join(map(str, held))
+        raise RunRejected(f"the patient's record holds data from ingest run(s) {runs}, rejected by the data-quality "
+                          "gate and not accepted (or not validated yet): validate it, accept it with "
+                          "`odyssey-batch accept-run RUN --reason ...`, or load a corrected export")  # fmt: skip
     _, sequence = patient_sequence(url, dataset, patient_id)
     bins, vocabulary = dataset.bins, dataset.vocabulary
     streams = encode(sequence, vocabulary)

@@ -3,8 +3,9 @@
 ``ingest()`` does the whole run. Its three steps are public for orchestrators that spread the staging over
 several workers (Airflow maps ``stage_files`` over file groups, then calls ``commit_run`` once):
 
-- ``begin_run``: registers the run; earlier runs of the same source that never finished (killed, crashed) are
-  marked abandoned and their staged rows purged, so the new run redoes their work from scratch;
+- ``begin_run``: registers the run; earlier runs of the same source that never finished (killed, crashed), and
+  runs of any source whose heartbeat stopped (``warehouse.liveness``), are marked abandoned and their staged
+  rows purged, so the new run redoes their work from scratch;
 - ``stage_files``: validates and normalizes each file's resources in worker processes and ``COPY``s them into
   ``staging``, committing file by file (staged rows are invisible to analysts);
 - ``commit_run``: the single merge transaction (see ``commit.py``).
@@ -41,6 +42,7 @@ from odyssey_batch.settings import Settings
 from odyssey_batch.storage import Location, open_location
 from odyssey_batch.storage.location import UnsafeName
 from odyssey_batch.warehouse import connect, database_url
+from odyssey_batch.warehouse.liveness import abandon, heartbeat, sweep
 
 
 class Progress(Protocol):
@@ -111,8 +113,11 @@ class _FileEnd(Marker):
     problem: ReadProblem | None
 
 
-def begin_run(conn: psycopg2.extensions.connection, source: str, plan: ExportPlan) -> int:
-    """Register a new run; abandon unfinished earlier runs of the same source and purge their staged rows."""
+def begin_run(
+    conn: psycopg2.extensions.connection, source: str, plan: ExportPlan, stale_run_minutes: float = 30.0
+) -> int:
+    """Register a new run; abandon unfinished earlier runs of the same source, and unfinished runs of any source
+    with no heartbeat for ``stale_run_minutes``, and purge their staged rows."""
     with conn, conn.cursor() as cur:
         cur.execute(
             """INSERT INTO ops.ingest_run (source, transaction_time, host, pid, counts)
@@ -126,13 +131,9 @@ def begin_run(conn: psycopg2.extensions.connection, source: str, plan: ExportPla
             ),
         )
         run_id = cur.fetchone()[0]
-        cur.execute(
-            """UPDATE ops.ingest_run SET status = 'abandoned', finished_at = now(),
-                      error = format('did not finish (killed or crashed); superseded by run %%s', %s::bigint)
-               WHERE source = %s AND status = 'running' AND run_id <> %s
-               RETURNING run_id""",
-            (run_id, source, run_id),
-        )
+        abandon(cur, "ingest", "source = %s AND run_id <> %s", (source, run_id),
+                f"did not finish (killed or crashed); superseded by run {run_id}")  # fmt: skip
+        sweep(cur, "ingest", stale_run_minutes)
         cur.execute(
             """SELECT DISTINCT s.run_id FROM staging.resource s JOIN ops.ingest_run r USING (run_id)
                WHERE r.status <> 'running'
@@ -295,20 +296,21 @@ def ingest(
     url = url or database_url(settings)
     conn = connect(url)
     try:
-        run_id = begin_run(conn, location.uri, plan)
+        run_id = begin_run(conn, location.uri, plan, settings.stale_run_minutes)
         try:
-            progress.start(sum(f.size for f in plan.files), len(plan.files))
-            stats = stage_files(conn, run_id, location, plan.files, settings, progress)
-            mismatches = _manifest_mismatches(stats)
-            if mismatches:
-                with conn, conn.cursor() as cur:
-                    cur.execute(
-                        "UPDATE ops.ingest_run SET counts = counts || %s::jsonb WHERE run_id = %s",
-                        (orjson.dumps({"manifest_mismatches": mismatches}).decode(), run_id),
-                    )
-            progress.phase("merging into the warehouse")
-            counts = commit_run(conn, run_id, keep_text_codes=settings.keep_text_codes)
-            refresh_statistics(conn)
+            with heartbeat(url, settings, ("ingest", run_id)):  # the merge holds the run's row lock: alive
+                progress.start(sum(f.size for f in plan.files), len(plan.files))
+                stats = stage_files(conn, run_id, location, plan.files, settings, progress)
+                mismatches = _manifest_mismatches(stats)
+                if mismatches:
+                    with conn, conn.cursor() as cur:
+                        cur.execute(
+                            "UPDATE ops.ingest_run SET counts = counts || %s::jsonb WHERE run_id = %s",
+                            (orjson.dumps({"manifest_mismatches": mismatches}).decode(), run_id),
+                        )
+                progress.phase("merging into the warehouse")
+                counts = commit_run(conn, run_id, keep_text_codes=settings.keep_text_codes)
+                refresh_statistics(conn)
         except BaseException as exc:
             with contextlib.suppress(Exception):  # the database may be the problem; the next run cleans up
                 fail_run(conn, run_id, exc)

@@ -100,13 +100,19 @@ def build_dataset() -> dict[str, Any]:
     return {"dataset_version": result.dataset_version_id, "patients": result.patients, "tokens": result.tokens}
 
 
-def pretrain_model(preset: str, steps: int, epochs: float, max_length: int, seed: int) -> int:
-    """Pretrain on the latest dataset version; returns the training run."""
+def pretrain_model(preset: str, steps: int, epochs: float, max_length: int, seed: int,
+                   run_key: str | None = None) -> int:  # fmt: skip
+    """Pretrain on the latest dataset version; returns the training run. With ``run_key`` (the DAG run), a retry
+    returns the run an earlier try of the same work finished instead of training again."""
     from odyssey_batch.training.pretrain import PretrainOptions, pretrain
+    from odyssey_batch.training.runs import keyed_run
 
     url, settings = context()
+    done = keyed_run(url, "pretrain", run_key) if run_key else None
+    if done is not None:
+        return done
     options = PretrainOptions(preset=preset, steps=steps, epochs=epochs, max_length=max_length, seed=seed)
-    return pretrain(url, settings, None, options).training_run_id
+    return pretrain(url, settings, None, options, run_key=run_key).training_run_id
 
 
 def latest_pretraining_run() -> int:
@@ -119,14 +125,20 @@ def latest_pretraining_run() -> int:
     return run
 
 
-def finetune_model(pretrained: int, epochs: int, max_length: int, seed: int) -> int:
-    """Multitask finetuning from ``pretrained``; registers and returns the candidate model version."""
+def finetune_model(pretrained: int, epochs: int, max_length: int, seed: int, run_key: str | None = None) -> int:
+    """Multitask finetuning from ``pretrained``; registers and returns the candidate model version. With
+    ``run_key`` (the DAG run), a retry registers nothing new: the finetuning run an earlier try finished gives back
+    its version (registered now if that try died in between), and a run that try left unfinished is abandoned."""
     from odyssey_batch.registry.bundle import register_run
     from odyssey_batch.training.finetune import FinetuneOptions, finetune
+    from odyssey_batch.training.runs import keyed_run
 
     url, settings = context()
-    result = finetune(url, settings, pretrained, FinetuneOptions(epochs=epochs, max_length=max_length, seed=seed))
-    return register_run(url, settings, result.training_run_id).model_version
+    done = keyed_run(url, "finetune", run_key) if run_key else None
+    if done is None:
+        options = FinetuneOptions(epochs=epochs, max_length=max_length, seed=seed)
+        done = finetune(url, settings, pretrained, options, run_key=run_key).training_run_id
+    return register_run(url, settings, done).model_version
 
 
 def evaluate_and_promote(version: int, seeds: int) -> dict[str, Any]:
@@ -141,14 +153,15 @@ def evaluate_and_promote(version: int, seeds: int) -> dict[str, Any]:
             "report": evaluation.report.get("report/report.html")}  # fmt: skip
 
 
-def start_scoring(as_of: str, partitions: int, cohort: str = "triggers") -> int:
-    """A new scoring run as of ``as_of`` (ISO time); a ``PermanentError`` when no champion exists."""
+def start_scoring(as_of: str, partitions: int, cohort: str = "triggers", run_key: str | None = None) -> int:
+    """A new scoring run as of ``as_of`` (ISO time); a ``PermanentError`` when no champion exists. With
+    ``run_key`` (the DAG run), a retried start returns the run its earlier try started."""
     from odyssey_batch.scoring.run import ScoreOptions, start_run
 
     url, settings = context()
     try:
         return start_run(url, settings, dt.datetime.fromisoformat(as_of),
-                         ScoreOptions(partitions=partitions, cohort=cohort))  # fmt: skip
+                         ScoreOptions(partitions=partitions, cohort=cohort), run_key=run_key)  # fmt: skip
     except LookupError as exc:
         raise PermanentError(str(exc)) from exc
 
@@ -161,20 +174,26 @@ def score_partition(run_id: int, partition: int) -> dict[str, Any]:
 
 
 def commit_scoring(run_id: int) -> dict[str, Any]:
-    """Make the run visible (all partitions must have succeeded) and report drift."""
-    from odyssey_batch.scoring.run import commit_run
+    """Make the run visible (all partitions must have succeeded) and report drift and what the gate held back. A
+    run that is no longer running (failed, abandoned) is a ``PermanentError``: no retry can publish it."""
+    from odyssey_batch.scoring.run import RunNotRunning, commit_run
 
     url, settings = context()
-    result = commit_run(url, settings, run_id)
+    try:
+        result = commit_run(url, settings, run_id)
+    except RunNotRunning as exc:
+        raise PermanentError(str(exc)) from exc
     return {"run_id": run_id, "n_patients": result.n_patients, "n_scores": result.n_scores,
-            "drift_flagged": result.drift_flagged, "drift_reasons": result.drift["reasons"]}  # fmt: skip
+            "drift_flagged": result.drift_flagged, "drift_reasons": result.drift["reasons"],
+            "held_back_runs": result.held_back_runs, "held_back_patients": result.held_back_patients}  # fmt: skip
 
 
-def fail_scoring(run_id: int, reason: str) -> None:
+def fail_scoring(run_id: int, reason: str) -> bool:
+    """Mark the run failed unless it is no longer running (a committed run is never touched); whether it did."""
     from odyssey_batch.scoring.run import fail_run
 
     url, _ = context()
-    fail_run(url, run_id, RuntimeError(reason))
+    return fail_run(url, run_id, RuntimeError(reason))
 
 
 def call(step, *args: Any, **kwargs: Any) -> Any:

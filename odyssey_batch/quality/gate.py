@@ -248,6 +248,65 @@ def accept_run(url: str, run_id: int, reason: str, accepted_by: str | None = Non
     return who
 
 
+FINISHED = ("succeeded", "validated", "rejected")  # ingest runs whose rows are in the warehouse
+
+
+@dataclass(frozen=True)
+class RunUse:
+    """Whether later stages may build on an ingest run: validated, or rejected and accepted by someone."""
+
+    run_id: int
+    status: str
+    accepted: bool
+
+    @property
+    def usable(self) -> bool:
+        return self.status == "validated" or (self.status == "rejected" and self.accepted)
+
+
+def run_uses(cur, run_ids: list[int] | None = None) -> dict[int, RunUse]:
+    """The gate's answer for ``run_ids`` (default: every finished run, i.e. every run whose rows are in the
+    warehouse), read with an open cursor. The one rule every stage downstream of the gate applies: tokenize
+    refuses a dataset with an unusable run (``ensure_usable``), scoring holds back the patients it touched."""
+    cur.execute(
+        """SELECT r.run_id, r.status, EXISTS (SELECT 1 FROM ops.run_acceptance a WHERE a.run_id = r.run_id)
+           FROM ops.ingest_run r
+           WHERE (%(ids)s::bigint[] IS NULL AND r.status = ANY(%(finished)s)) OR r.run_id = ANY(%(ids)s::bigint[])
+           ORDER BY r.run_id""",
+        {"ids": run_ids, "finished": list(FINISHED)},
+    )
+    return {run: RunUse(run, status, accepted) for run, status, accepted in cur.fetchall()}
+
+
+def unusable_runs(cur) -> list[int]:
+    """The finished ingest runs no later stage may use (rejected and not accepted, or not validated yet)."""
+    return [run for run, use in run_uses(cur).items() if not use.usable]
+
+
+def patients_of_runs(cur, run_ids: list[int]) -> set[str]:
+    """The patients with any resource whose current version came from ``run_ids`` (``fhir.resource`` holds the
+    latest version of every resource with the run that loaded it; the ``ehr`` rows are normalized from it). A
+    resource that an unusable run replaced is its version now, so its patient is included."""
+    if not run_ids:
+        return set()
+    cur.execute(
+        """SELECT DISTINCT patient_id FROM fhir.resource WHERE run_id = ANY(%s) AND patient_id IS NOT NULL""",
+        (list(run_ids),),
+    )
+    return {row[0] for row in cur.fetchall()}
+
+
+def held_back_for(cur, patient_id: str) -> list[int]:
+    """The unusable ingest runs (``unusable_runs``) with a resource of this patient: none of the patient's data may
+    be used while there is one (scoring holds the patient back, forecasting refuses)."""
+    held = unusable_runs(cur)
+    if not held:
+        return []
+    cur.execute("SELECT DISTINCT run_id FROM fhir.resource WHERE patient_id = %s AND run_id = ANY(%s) ORDER BY 1",
+                (patient_id, held))  # fmt: skip
+    return [row[0] for row in cur.fetchall()]
+
+
 def ensure_usable(
     url: str, run_ids: list[int] | None = None, *, accept: set[int] | None = None, accepted_by: str | None = None
 ) -> list[int]:
@@ -260,34 +319,28 @@ def ensure_usable(
     conn = connect(url)
     try:
         with conn, conn.cursor() as cur:
-            if run_ids is None:
-                cur.execute("SELECT run_id FROM ops.ingest_run WHERE status IN ('succeeded', 'validated', 'rejected')")
-                run_ids = sorted(r[0] for r in cur.fetchall())
-            cur.execute(
-                """SELECT r.run_id, r.status, EXISTS (SELECT 1 FROM ops.run_acceptance a WHERE a.run_id = r.run_id)
-                   FROM ops.ingest_run r WHERE r.run_id = ANY(%s)""",
-                (run_ids,),
-            )
-            states = {run: (status, accepted) for run, status, accepted in cur.fetchall()}
+            uses = run_uses(cur, run_ids)
     finally:
         conn.close()
+    if run_ids is None:
+        run_ids = sorted(uses)
     problems = []
     for run in run_ids:
-        status, accepted = states.get(run, ("missing", False))
-        if status == "validated" or (status == "rejected" and accepted):
+        use = uses.get(run, RunUse(run, "missing", False))
+        if use.usable:
             continue
-        if status == "rejected" and run in accept:
+        if use.status == "rejected" and run in accept:
             accept_run(url, run, "accepted with --accept-run", accepted_by)
             continue
-        if status == "rejected":
+        if use.status == "rejected":
             problems.append(
                 f"run {run} was rejected by the data-quality gate (see `odyssey-batch validate "
                 f"--run-id {run}`); build on it anyway with --accept-run {run}"
             )
-        elif status == "succeeded":
+        elif use.status == "succeeded":
             problems.append(f"run {run} has not been validated: run `odyssey-batch validate --run-id {run}` first")
         else:
-            problems.append(f"run {run} is {status}")
+            problems.append(f"run {run} is {use.status}")
     if problems:
         raise RunRejected("; ".join(problems))
     return run_ids

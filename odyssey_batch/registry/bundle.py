@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from odyssey_batch.model.classifier import EHRMambaForTasks
 from odyssey_batch.registry import artifacts
-from odyssey_batch.registry.versions import ModelVersion, champion, get, register
+from odyssey_batch.registry.versions import ModelVersion, champion, get, register, registered_from
 from odyssey_batch.sequences.labs import LabBins
 from odyssey_batch.sequences.store import open_dataset
 from odyssey_batch.sequences.vocab import Vocabulary
@@ -39,10 +39,14 @@ BUNDLE_FILES = ("model.safetensors", "config.json", CALIBRATION_FILE, "vocabular
 
 def register_run(url: str, settings: Settings, run_id: int, *, extra_config: dict[str, Any] | None = None,
                  ) -> ModelVersion:  # fmt: skip
-    """Register the best checkpoint of finetuning run ``run_id`` as a candidate model version."""
+    """Register the best checkpoint of finetuning run ``run_id`` as a candidate model version; a run registered
+    before gives back its version (a retried registration never adds a second candidate)."""
     kind, status = run_state(url, run_id)
     if kind != "finetune" or status != "succeeded":
         raise ValueError(f"training run {run_id} is a {status} {kind} run: only a succeeded finetuning run is a model")
+    existing = registered_from(url, run_id)
+    if existing is not None:
+        return existing
     prefix = best_checkpoint(settings, run_id)
     if prefix is None:
         raise LookupError(f"finetuning run {run_id} has no checkpoint")

@@ -173,6 +173,13 @@ def get(url: str, version: int) -> ModelVersion:
         conn.close()
 
 
+def registered_from(url: str, training_run_id: int) -> ModelVersion | None:
+    """The version registered from a training run (the first one), or None."""
+    rows = _query(url, f"SELECT {COLUMNS} FROM ops.model_version WHERE training_run_id = %s ORDER BY 1 LIMIT 1",
+                  (training_run_id,))  # fmt: skip
+    return ModelVersion(*rows[0]) if rows else None
+
+
 def list_versions(url: str) -> list[ModelVersion]:
     """Every registered model version, newest first."""
     return [ModelVersion(*row) for row in _query(url, f"SELECT {COLUMNS} FROM ops.model_version ORDER BY 1 DESC")]

@@ -53,6 +53,7 @@ from odyssey_batch.sequences.vocab import Vocabulary
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage import open_location
 from odyssey_batch.warehouse import connect
+from odyssey_batch.warehouse.liveness import heartbeat, sweep
 
 FORMAT = "odyssey-batch/sequences"
 FORMAT_VERSION = 1
@@ -121,6 +122,7 @@ def tokenize(
     try:
         data_end = _data_end(conn, runs)
         with conn, conn.cursor() as cur:
+            sweep(cur, "dataset", settings.stale_run_minutes)  # versions whose process died: abandoned
             cur.execute(
                 "INSERT INTO ops.dataset_version (source_runs, data_end, max_length) VALUES (%s, to_timestamp(%s), %s) "
                 "RETURNING dataset_version_id",
@@ -131,7 +133,8 @@ def tokenize(
             reader = connect(url)  # one snapshot for the whole read
             try:
                 reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
-                result = _build(reader, conn, settings, options, registry, version, runs, data_end, progress)
+                with heartbeat(url, settings, ("dataset", version)):
+                    result = _build(reader, conn, settings, options, registry, version, runs, data_end, progress)
             finally:
                 reader.close()
         except BaseException as exc:
@@ -139,7 +142,7 @@ def tokenize(
             with conn, conn.cursor() as cur:
                 cur.execute(
                     "UPDATE ops.dataset_version SET status = 'failed', finished_at = now(), error = %s "
-                    "WHERE dataset_version_id = %s",
+                    "WHERE dataset_version_id = %s AND status = 'building'",
                     (f"{type(exc).__name__}: {exc}"[:2000], version),
                 )
             raise
@@ -420,9 +423,12 @@ def _commit(
         )
         cur.execute(
             """UPDATE ops.dataset_version SET status = 'ready', finished_at = now(), location = %s, patients = %s,
-                      tokens = %s, vocab_size = %s, summary = %s::jsonb WHERE dataset_version_id = %s""",
+                      tokens = %s, vocab_size = %s, summary = %s::jsonb
+               WHERE dataset_version_id = %s AND status = 'building'""",
             (location, sum(summary["patients"].values()), summary["tokens"], vocab_size, json.dumps(summary), version),
         )
+        if cur.rowcount != 1:  # swept meanwhile: the labels above roll back with this transaction
+            raise RuntimeError(f"dataset version {version} is no longer building (abandoned): not marked ready")
     with conn, conn.cursor() as cur:
         cur.execute("ANALYZE ehr.task_label")
 

@@ -53,7 +53,8 @@ from odyssey_batch.training.checkpoint import (
 )
 from odyssey_batch.training.data import Streams, collate, length_batches, load_sequences
 from odyssey_batch.training.pretrain import Progress, lr_lambda, parameter_groups
-from odyssey_batch.training.runs import fail_run, finish_run, start_run, update_run
+from odyssey_batch.training.runs import fail_run, finish_run, resume_run, start_run, update_run
+from odyssey_batch.warehouse.liveness import heartbeat
 
 DAY = 86400.0
 PLACEMENTS = ("append", "replace")
@@ -278,6 +279,7 @@ def finetune(
     resume: int | None = None,
     progress: Progress | None = None,
     stop_after_epochs: int | None = None,
+    run_key: str | None = None,
 ) -> FinetuneResult:
     """Finetune the last checkpoint of pretraining run ``pretrained`` on every task (or ``options.tasks``); or,
     with ``resume``, continue finetuning run ``resume`` from its last epoch checkpoint (same options).
@@ -340,8 +342,10 @@ def finetune(
         torch.set_rng_state(state["rng"])
         step, tokens, epoch, best = state["step"], state["tokens"], state["epoch"], state["best"]
         run_id = resume
+        resume_run(url, run_id)
     else:
-        run_id = start_run(url, "finetune", dataset.version, options, backend, device, 1, model, parent=pretrained)
+        run_id = start_run(url, "finetune", dataset.version, options, backend, device, 1, model, parent=pretrained,
+                           run_key=run_key, stale_run_minutes=settings.stale_run_minutes)  # fmt: skip
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))  # fmt: skip
     run_meta = {
@@ -351,6 +355,7 @@ def finetune(
     started, step_tokens = time.perf_counter(), 0
     best_state: dict[str, torch.Tensor] | None = None
     stopped = epoch > 0 and epoch - best["epoch"] >= options.patience
+    pulse = heartbeat(url, settings, ("training", run_id)).start()
     try:
         model.train()
         while epoch < options.epochs and not stopped:
@@ -401,6 +406,8 @@ def finetune(
     except BaseException as exc:
         fail_run(url, run_id, exc)
         raise
+    finally:
+        pulse.stop()
     seconds = time.perf_counter() - started
     rate = step_tokens / max(seconds, 1e-9)
     finish_run(url, run_id, step, tokens, rate, best["val_loss"], best["val_loss"], best["artifact"])

@@ -29,7 +29,8 @@ from odyssey_batch.sequences.store import open_dataset
 from odyssey_batch.settings import Settings
 from odyssey_batch.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from odyssey_batch.training.data import collate, length_batches, load_sequences, pretraining_examples
-from odyssey_batch.training.runs import fail_run, finish_run, start_run, update_run
+from odyssey_batch.training.runs import fail_run, finish_run, resume_run, start_run, update_run
+from odyssey_batch.warehouse.liveness import heartbeat
 
 Progress = Callable[[int, int, float, float], None]  # step, total steps, loss, tokens/s
 
@@ -121,6 +122,7 @@ def pretrain(
     resume: int | None = None,
     progress: Progress | None = None,
     stop_after: int | None = None,
+    run_key: str | None = None,
 ) -> PretrainResult:
     """Pretrain (or, with ``resume``, continue run ``resume``). ``stop_after`` ends the process's work after
     that many steps as a crash would (for tests): the run stays ``running`` with its last checkpoint."""
@@ -166,7 +168,10 @@ def pretrain(
     meta = {"dataset_version": dataset.version, "vocab_size": len(dataset.vocabulary), "options": asdict(options),
             "backend": backend, "kind": "pretrain"}  # fmt: skip
     if resume is None and rank == 0:
-        run_id = start_run(url, "pretrain", dataset.version, options, backend, device, world, model)
+        run_id = start_run(url, "pretrain", dataset.version, options, backend, device, world, model, run_key=run_key,
+                           stale_run_minutes=settings.stale_run_minutes)  # fmt: skip
+    elif rank == 0:
+        resume_run(url, run_id)
     if world > 1:
         ids = torch.tensor([run_id if rank == 0 else 0], device=device)
         dist.broadcast(ids, 0)
@@ -178,6 +183,7 @@ def pretrain(
 
     started, step_tokens, artifact = time.perf_counter(), 0, ""
     model.train()
+    pulse = heartbeat(url, settings, ("training", run_id)).start() if rank == 0 else None
     try:
         while step < total:
             epoch, position = divmod(step, per_epoch)
@@ -217,6 +223,8 @@ def pretrain(
             fail_run(url, run_id, exc)
         raise
     finally:
+        if pulse is not None:
+            pulse.stop()
         if world > 1 and dist.is_initialized():
             dist.barrier()
     seconds = time.perf_counter() - started
