@@ -21,7 +21,7 @@ import logging
 import re
 import traceback
 from collections.abc import Iterable
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 MASK = "***"
 # Shorter secrets are not replaced as plain text (it would garble every message); the patterns still hide them.
@@ -46,21 +46,28 @@ _known: set[str] = set()
 
 
 def remember_secrets(*values: str | None) -> None:
-    """Secrets to hide wherever they appear as plain text (and percent-decoded), from now on in this process."""
+    """Secrets to hide wherever they appear as plain text (also percent-encoded or decoded), from now on in this
+    process."""
     for value in values:
-        for form in {value or "", unquote(value or "")}:
+        for form in {value or "", unquote(value or ""), quote(value or "", safe="")}:
             if len(form) >= _MIN_SECRET_LENGTH:
                 _known.add(form)
 
 
 def dsn_password(dsn: str) -> str | None:
-    """The password inside a libpq URL or key=value DSN, if it has one (None when it cannot be parsed)."""
+    """The password inside a libpq URL or key=value DSN, if it has one; read with the patterns above when libpq
+    cannot parse it (its error message may quote the malformed part)."""
     from psycopg2.extensions import parse_dsn
 
     try:
         return parse_dsn(dsn).get("password")
-    except Exception:  # a malformed DSN: the patterns still hide what they recognize
-        return None
+    except Exception:  # a malformed DSN
+        pass
+    url = re.search(r"://[^\s:/@'\"]*:(?P<pw>[^\s'\"]*)@", dsn)
+    if url:
+        return url.group("pw")
+    pair = re.search(r"(?<![\w.])password\s*=\s*(?:'(?P<q>(?:[^'\\]|\\.)*)'?|(?P<bare>[^\s&;,'\")]*))", dsn)
+    return (pair.group("q") if pair.group("q") is not None else pair.group("bare")) if pair else None
 
 
 def remember_settings_secrets(settings) -> None:  # settings: odyssey_batch.settings.Settings (no import cycle)
