@@ -111,11 +111,12 @@ def db_upgrade(json_output: JsonOption = False) -> None:
 
 @db_app.command("start")
 def db_start() -> None:
-    """Start the embedded Postgres server (no-op when a database URL is configured or it is running)."""
-    from odyssey_batch.warehouse import database_url, redact
+    """Start the embedded Postgres server (when a database URL is configured: check that it answers)."""
+    from odyssey_batch.warehouse import connect, database_url, redact
 
     settings = cli_settings()
     url = database_url(settings)
+    connect(url).close()
     where = "configured server" if not settings.embedded else "embedded server"
     console.print(f"Warehouse ({where}) is up: {redact(url)}")
 
