@@ -7,7 +7,9 @@ reaches a person. It hides:
 * ``password=...`` (and ``sslpassword``, ``secret``, ``secret_key``, ``token``, ...) in URL queries, key=value
   DSNs (quoted or not) and JSON/repr text;
 * every secret the process was configured with (``remember_secrets``): the warehouse password and the S3
-  secret key, wherever they appear, also inside a library's error message that quotes part of a malformed DSN.
+  secret key, wherever they appear, also inside a library's error message that quotes part of a malformed DSN;
+* the row values PostgreSQL quotes in constraint errors (``DETAIL: Key (patient_id)=(...)``, ``Failing row
+  contains (...)``), which are patient identifiers and clinical values.
 
 ``install_log_redaction()`` makes every log record, of every logger, pass through ``redact`` when it is created
 (message, arguments and traceback), so handlers added later (Airflow's, a user's) never see a secret.
@@ -41,6 +43,10 @@ _QUOTED_KEY = re.compile(
     rf"(?P<head>(?P<q>['\"])(?:{_KEYS})(?P=q)\s*:\s*)(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")",
     re.IGNORECASE,
 )
+
+# PostgreSQL's DETAIL of a unique, foreign-key or check violation quotes the row's values.
+_KEY_DETAIL = re.compile(r"(?P<head>\bKey \([^)]*\))=\((?:[^()]|\([^()]*\))*\)")
+_FAILING_ROW = re.compile(r"(?P<head>\bFailing row contains )\(.*\)")
 
 _known: set[str] = set()
 
@@ -76,12 +82,15 @@ def remember_settings_secrets(settings) -> None:  # settings: odyssey_batch.sett
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every password and secret it contains replaced by ``***``."""
+    """``text`` with every password and secret it contains, and the row values of a constraint error, replaced
+    by ``***``."""
     if not text:
         return text
     out = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK + m.group("tail"), text)
     out = _KEY_VALUE.sub(lambda m: m.group("head") + MASK, out)
     out = _QUOTED_KEY.sub(lambda m: m.group("head") + m.group("q") + MASK + m.group("q"), out)
+    out = _KEY_DETAIL.sub(lambda m: m.group("head") + f"=({MASK})", out)
+    out = _FAILING_ROW.sub(lambda m: m.group("head") + f"({MASK})", out)
     for secret in sorted({*_known, *(s for s in secrets if len(s) >= _MIN_SECRET_LENGTH)}, key=len, reverse=True):
         out = out.replace(secret, MASK)
     return out

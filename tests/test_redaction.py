@@ -30,6 +30,14 @@ from tests.test_cli import cli
         ("ODYSSEY_S3_SECRET_KEY=S3cret PGPASSWORD=S3cret", "ODYSSEY_S3_SECRET_KEY=*** PGPASSWORD=***"),
         ("postgresql://alice@db/w and https://example.org/a:b", "postgresql://alice@db/w and https://example.org/a:b"),
         ("Patient.birthDate: invalid date", "Patient.birthDate: invalid date"),
+        (
+            'violates foreign key constraint\nDETAIL:  Key (patient_id)=(mrn-1 (x)) is not present in table "patient".',
+            'violates foreign key constraint\nDETAIL:  Key (patient_id)=(***) is not present in table "patient".',
+        ),
+        (
+            "DETAIL:  Failing row contains (7, mrn-1, -0.5).\nCONTEXT: x",
+            "DETAIL:  Failing row contains (***).\nCONTEXT: x",
+        ),
     ],
 )
 def test_redact_hides_every_password_form(text, expected):
