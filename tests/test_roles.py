@@ -196,6 +196,19 @@ def test_commands_refuse_a_schema_that_is_not_current(db_url, tmp_path, monkeypa
         assert proc.returncode == 2 and f"at version 9999, newer than this odyssey-batch ({NEEDED})" in proc.stderr
 
 
+def test_a_login_outside_the_pipeline_role_is_told_what_to_grant(db_url, tmp_path):
+    role = f"nobody_{uuid.uuid4().hex[:12]}"
+    run_sql(db_url, f"CREATE ROLE {role} LOGIN")
+    try:
+        env = {"ODYSSEY_DATABASE_URL": as_user(db_url, role), "ODYSSEY_HOME": str(tmp_path / "home"), "COLUMNS": "400"}
+        proc = cli("runs", env=env, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        expected = "may not read the warehouse's schema version (ops.schema_migration): make it a member of "
+        assert expected + "odyssey_pipeline" in proc.stderr
+    finally:
+        run_sql(db_url, f"DROP ROLE {role}")
+
+
 def test_embedded_warehouse_migrates_on_first_start(tmp_path):
     """The embedded server belongs to this installation: its first command creates the schema."""
     env = {"ODYSSEY_HOME": str(tmp_path / "home"), "ODYSSEY_DATABASE_URL": ""}
