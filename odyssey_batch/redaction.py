@@ -9,7 +9,7 @@ reaches a person. It hides:
 * every secret the process was configured with (``remember_secrets``): the warehouse password and the S3
   secret key, wherever they appear, also inside a library's error message that quotes part of a malformed DSN;
 * the row values PostgreSQL quotes in constraint errors (``DETAIL: Key (patient_id)=(...)``, ``Failing row
-  contains (...)``), which are patient identifiers and clinical values.
+  contains (...)``) and SQLAlchemy's ``[parameters: ...]``, which are patient identifiers and clinical values.
 
 ``install_log_redaction()`` makes every log record, of every logger, pass through ``redact`` when it is created
 (message, arguments and traceback), so handlers added later (Airflow's, a user's) never see a secret.
@@ -47,6 +47,8 @@ _QUOTED_KEY = re.compile(
 # PostgreSQL's DETAIL of a unique, foreign-key or check violation quotes the row's values.
 _KEY_DETAIL = re.compile(r"(?P<head>\bKey \([^)]*\))=\((?:[^()]|\([^()]*\))*\)")
 _FAILING_ROW = re.compile(r"(?P<head>\bFailing row contains )\(.*\)")
+# SQLAlchemy's errors end with the statement's parameters: ``[parameters: {...}]``.
+_SQL_PARAMETERS = re.compile(r"(?P<head>\[parameters: ).*?(?P<tail>\](?:\n|$|\s*\(Background))", re.DOTALL)
 
 _known: set[str] = set()
 
@@ -91,6 +93,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     out = _QUOTED_KEY.sub(lambda m: m.group("head") + m.group("q") + MASK + m.group("q"), out)
     out = _KEY_DETAIL.sub(lambda m: m.group("head") + f"=({MASK})", out)
     out = _FAILING_ROW.sub(lambda m: m.group("head") + f"({MASK})", out)
+    out = _SQL_PARAMETERS.sub(lambda m: m.group("head") + MASK + m.group("tail"), out)
     for secret in sorted({*_known, *(s for s in secrets if len(s) >= _MIN_SECRET_LENGTH)}, key=len, reverse=True):
         out = out.replace(secret, MASK)
     return out

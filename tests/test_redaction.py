@@ -31,6 +31,10 @@ from tests.test_cli import cli
         ("postgresql://alice@db/w and https://example.org/a:b", "postgresql://alice@db/w and https://example.org/a:b"),
         ("Patient.birthDate: invalid date", "Patient.birthDate: invalid date"),
         (
+            "(psycopg2.errors.X) boom\n[SQL: SELECT 1 WHERE id = %(p)s]\n[parameters: {'p': 'mrn-1]'}]\n(Background on",
+            "(psycopg2.errors.X) boom\n[SQL: SELECT 1 WHERE id = %(p)s]\n[parameters: ***]\n(Background on",
+        ),
+        (
             'violates foreign key constraint\nDETAIL:  Key (patient_id)=(mrn-1 (x)) is not present in table "patient".',
             'violates foreign key constraint\nDETAIL:  Key (patient_id)=(***) is not present in table "patient".',
         ),
