@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from odyssey_batch.cli.main import example_export
+from odyssey_batch.warehouse import create_database, with_database
 from tests.conftest import run_sql
 
 COMMANDS = ["db", "ingest", "runs", "quarantine", "synth", "demo"]
@@ -87,10 +88,24 @@ def test_db_url_and_upgrade_on_a_configured_warehouse(env, db_url):
 
 
 def test_demo_on_the_embedded_server_and_db_url(tmp_path):
-    """The README's first command: no configuration at all, an embedded server under ODYSSEY_HOME."""
-    env = {"ODYSSEY_HOME": str(tmp_path / "demo-home"), "ODYSSEY_DATABASE_URL": ""}
+    """The README's first command: no configuration at all, an embedded server under ODYSSEY_HOME. The demo works
+    in a database and object store of its own, created afresh, and leaves the user's warehouse alone."""
+    home = tmp_path / "demo-home"
+    env = {"ODYSSEY_HOME": str(home), "ODYSSEY_DATABASE_URL": ""}
     try:
+        # The user's own embedded warehouse (migrated on its first start), with the tiny example in it.
+        assert json.loads(cli("ingest", str(example_export()), "--json", env=env).stdout)["loaded"] == 28
+        mine = cli("db", "url", env=env).stdout.strip()
+        # Left-overs of an earlier demo, which this one must not build on.
+        create_database(with_database(mine, "postgres"), "odyssey_demo")
+        run_sql(with_database(mine, "odyssey_demo"), "CREATE TABLE earlier_demo (x integer)")
+        (home / "demo" / "objects" / "datasets" / "v7").mkdir(parents=True)
         demo = json.loads(cli("demo", "--json", env=env, timeout=900).stdout)
+        demo_url = demo["warehouse"]["url"]
+        assert "/odyssey_demo?" in demo_url and demo_url != mine
+        assert demo["warehouse"]["object_store"] == str(home / "demo" / "objects")
+        assert run_sql(demo_url, "SELECT to_regclass('public.earlier_demo')") == [(None,)]
+        assert sorted(p.name for p in (home / "demo" / "objects" / "datasets").iterdir()) == ["v1"]
         synth, ingested = demo["synth"], demo["ingest"]
         assert synth["patients"] == 300 and synth["resources"] == ingested["records"] > 10_000
         assert ingested["loaded"] == ingested["records"] and ingested["quarantined"] == 0
@@ -105,19 +120,25 @@ def test_demo_on_the_embedded_server_and_db_url(tmp_path):
         assert {m for t, m in methods if t == "mortality_30d"} == {"model", "logreg", "gbt", "oracle"}
         assert len({t for t, _ in methods}) == 6 and demo["evaluate"]["report"]["report/report.html"]
         assert demo["score"]["status"] == "succeeded" and demo["score"]["n_patients"] > 0
-        latest = run_sql(demo["warehouse"]["url"], "SELECT count(*), count(DISTINCT patient_id) FROM risk.latest_score")
+        latest = run_sql(demo_url, "SELECT count(*), count(DISTINCT patient_id) FROM risk.latest_score")
         assert latest == [(demo["score"]["n_scores"], demo["score"]["n_patients"])]
         top = demo["top_risk"]["mortality_30d"]
         assert 0 < len(top) <= 10 and [r["probability"] for r in top] == sorted((r["probability"] for r in top),
                                                                                reverse=True)  # fmt: skip
-        url = cli("db", "url", env=env).stdout.strip()
-        assert url == demo["warehouse"]["url"] and "host=" in url
+        # Only the demo's own patients are shown, and only from its own run.
+        shown = {r["patient_id"] for rows in demo["top_risk"].values() for r in rows}
+        scored = {p for (p,) in run_sql(demo_url, "SELECT patient_id FROM risk.score WHERE run_id = %s",
+                                        (demo["score"]["run_id"],))}  # fmt: skip
+        assert shown and shown <= scored
         # The server keeps running between commands, so psql (here psycopg2) can use the printed URL.
-        assert run_sql(url, "SELECT count(*) FROM ehr.encounter") == [(synth["counts"]["Encounter"],)]
-        # Running the demo again regenerates the same export (same seed) and changes nothing.
-        again = json.loads(cli("demo", "--json", env=env, timeout=900).stdout)
-        assert again["ingest"]["unchanged"] == ingested["records"] and again["ingest"]["loaded"] == 0
-        assert again["evaluate"]["champion_version"] == first  # compared with the champion on the same points
+        assert run_sql(demo_url, "SELECT count(*) FROM ehr.encounter") == [(synth["counts"]["Encounter"],)]
+        # The user's warehouse and object store are untouched: the tiny example only, no model, no scores.
+        assert cli("db", "url", env=env).stdout.strip() == mine and "host=" in mine
+        assert run_sql(mine, "SELECT count(*) FROM ehr.patient") == [(3,)]
+        assert run_sql(mine, "SELECT count(*) FROM ops.model_version") == [(0,)]
+        assert run_sql(mine, "SELECT count(*) FROM risk.score") == [(0,)]
+        assert not (home / "objects" / "datasets").exists()
+        assert not {p for (p,) in run_sql(mine, "SELECT patient_id FROM ehr.patient")} & shown
         assert json.loads(cli("db", "status", "--json", env=env).stdout)["embedded_running"] is True
     finally:
         cli("db", "stop", env=env, check=False)

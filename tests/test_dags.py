@@ -18,6 +18,7 @@ import pytest
 
 from odyssey_batch.synth import generate
 from tests.conftest import REPO, fresh_database, run_sql, shared_data
+from tests.test_roles import pipeline_login
 
 DAGS = ["fhir_ingest", "data_quality", "build_sequences", "retrain", "nightly_scoring"]
 RUNNER = str(REPO / "tests" / "dag_runner.py")
@@ -76,8 +77,9 @@ def run_dag(dag_id: str, env: dict[str, str], conf: dict | None = None) -> dict:
 def test_the_whole_pipeline_with_dag_test(airflow_env, pg_admin_url, template_db, tmp_path):
     landing = tmp_path / "landing"
     generate(landing / "2026-01-01", 60, 3)
-    with fresh_database(pg_admin_url, template_db) as url:
-        env = {**airflow_env, "ODYSSEY_DATABASE_URL": url, "ODYSSEY_HOME": str(tmp_path / "home"),
+    # The DAGs run as a login that is only a member of odyssey_pipeline: they never need the owner.
+    with fresh_database(pg_admin_url, template_db) as url, pipeline_login(url) as (_, pipeline_url):
+        env = {**airflow_env, "ODYSSEY_DATABASE_URL": pipeline_url, "ODYSSEY_HOME": str(tmp_path / "home"),
                "AIRFLOW_VAR_ODYSSEY_LANDING": str(landing)}  # fmt: skip
         ingested = run_dag("fhir_ingest", env)
         assert ingested["state"] == "success" and ingested["tasks"]["load[0]"] == "success"

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from odyssey_batch.cli.context import cli_settings, set_threads
+from odyssey_batch.cli.context import open_warehouse, set_threads
 from odyssey_batch.cli.output import StageProgress, console, emit_json, err_console, table
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the human summary.")]
@@ -93,10 +93,8 @@ def forecast(
     from odyssey_batch.forecast.runs import load_pretrained
     from odyssey_batch.quality.gate import RunRejected
     from odyssey_batch.sequences.tokens import window
-    from odyssey_batch.warehouse import database_url
 
-    settings = cli_settings()
-    url = database_url(settings)
+    settings, url = open_warehouse()
     set_threads(threads)
     try:
         pretrained = load_pretrained(url, settings, run)
@@ -168,7 +166,6 @@ def evaluate_forecast(
     small k with a short pretraining run is expected. The same run and seed give the same numbers.
     """
     from odyssey_batch.forecast.evaluate import evaluate_forecast as run_evaluation
-    from odyssey_batch.warehouse import database_url
 
     try:
         cutoffs = tuple(int(part) for part in k.split(",") if part.strip())
@@ -177,8 +174,7 @@ def evaluate_forecast(
     except ValueError as exc:
         err_console.print(f"[red]evaluate-forecast failed:[/] --k must be positive integers like 5,10,20 (got {k!r})")
         raise typer.Exit(2) from exc
-    settings = cli_settings()
-    url = database_url(settings)
+    settings, url = open_warehouse()
     set_threads(threads)
     try:
         with StageProgress(not json_output) as bar:

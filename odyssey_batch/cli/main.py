@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from odyssey_batch import __version__
 from odyssey_batch.cli.context import cli_settings, open_warehouse, set_threads
@@ -57,13 +58,20 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_show_traceback = False
+
+
 @app.callback()
 def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
+    traceback: Annotated[
+        bool, typer.Option("--traceback", help="On an unexpected error, show its (redacted) traceback.")
+    ] = False,
 ) -> None:
-    pass
+    global _show_traceback
+    _show_traceback = traceback
 
 
 # --------------------------------------------------------------------------------------------------- db
@@ -71,7 +79,8 @@ def _root(
 def db_url() -> None:
     """Print the libpq URL of the warehouse in use (starting the embedded server if needed).
 
-    Use it with psql: `psql "$(odyssey-batch db url)"`.
+    Use it with psql: `psql "$(odyssey-batch db url)"`. This is the one command that prints the password of the
+    configured URL (every other output hides it).
     """
     from odyssey_batch.warehouse import database_url
 
@@ -81,10 +90,17 @@ def db_url() -> None:
 @db_app.command("upgrade")
 def db_upgrade(json_output: JsonOption = False) -> None:
     """Apply the schema migrations in `sql/` that the warehouse does not have yet (safe to run twice)."""
+    import psycopg2
+
     from odyssey_batch.warehouse import applied_migrations, database_url, redact, upgrade
 
     url = database_url(cli_settings())
-    done = upgrade(url)
+    try:
+        done = upgrade(url)
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        err_console.print(f"[red]db upgrade failed:[/] {escape(str(exc).strip())}: migrations must run as the "
+                          "warehouse's owner (a login in odyssey_pipeline can only check the schema)")  # fmt: skip
+        raise typer.Exit(1) from exc
     applied = applied_migrations(url)
     if json_output:
         emit_json({"applied_now": [m.version for m in done], "schema_version": max(applied, default=0)})
@@ -95,11 +111,12 @@ def db_upgrade(json_output: JsonOption = False) -> None:
 
 @db_app.command("start")
 def db_start() -> None:
-    """Start the embedded Postgres server (no-op when a database URL is configured or it is running)."""
-    from odyssey_batch.warehouse import database_url, redact
+    """Start the embedded Postgres server (when a database URL is configured: check that it answers)."""
+    from odyssey_batch.warehouse import connect, database_url, redact
 
     settings = cli_settings()
     url = database_url(settings)
+    connect(url).close()
     where = "configured server" if not settings.embedded else "embedded server"
     console.print(f"Warehouse ({where}) is up: {redact(url)}")
 
@@ -195,17 +212,14 @@ def ingest(
     from odyssey_batch.ingest import ingest as run_ingest
     from odyssey_batch.ingest.discover import ManifestError
     from odyssey_batch.storage.location import printable_name
-    from odyssey_batch.warehouse import database_url, upgrade
 
-    settings = cli_settings()
+    settings, url = open_warehouse()
     overrides: dict[str, Any] = {}
     if workers >= 0:
         overrides["ingest_workers"] = workers
     if chunk_lines > 0:
         overrides["ingest_chunk_lines"] = chunk_lines
     settings = settings.with_overrides(**overrides)
-    url = database_url(settings)
-    upgrade(url)
     try:
         with IngestProgress(enabled=not json_output) as progress:
             result = run_ingest(source, settings, url=url, progress=progress)
@@ -272,13 +286,18 @@ def runs(
 def quarantine(
     run_id: Annotated[int | None, typer.Option(help="Run to inspect (default: the latest run).")] = None,
     examples: Annotated[int, typer.Option(help="Example rows to show per reason.")] = 3,
+    show_ids: Annotated[
+        bool, typer.Option("--show-ids", help="Show resource ids and references (masked as *** by default).")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Summarize what a run quarantined: counts per reason, with file, line and message examples.
 
-    The original text of every quarantined line is in `ops.quarantine.raw_text` (and `raw_bytes` when it
-    was not valid UTF-8).
+    Resource ids (which may be medical record numbers) and the references in the messages are masked unless
+    `--show-ids` is given. The original text of every quarantined line is in `ops.quarantine.raw_text` (and
+    `raw_bytes` when it was not valid UTF-8).
     """
+    from odyssey_batch.redaction import MASK, mask_ids
     from odyssey_batch.warehouse import connect
 
     _, url = open_warehouse()
@@ -290,7 +309,8 @@ def quarantine(
                 run_id = cur.fetchone()[0]
             cur.execute(
                 """SELECT reason, kind, count(*),
-                          (array_agg(jsonb_build_object('source', source, 'line_no', line_no, 'error', error)
+                          (array_agg(jsonb_build_object('source', source, 'line_no', line_no, 'error', error,
+                                                        'resource_type', resource_type, 'resource_id', resource_id)
                                      ORDER BY source, line_no))[1:%s]
                    FROM ops.quarantine WHERE run_id = %s GROUP BY reason, kind ORDER BY 3 DESC""",
                 (examples, run_id),
@@ -298,8 +318,14 @@ def quarantine(
             rows = cur.fetchall()
     finally:
         conn.close()
+    if not show_ids:
+        for row in rows:
+            for ex in row[3]:
+                ex["error"] = mask_ids(ex["error"], [ex["resource_id"]])
+                ex["resource_id"] = MASK if ex["resource_id"] else None
     data = {
         "run_id": run_id,
+        "ids_shown": show_ids,
         "reasons": [{"reason": r[0], "kind": r[1], "count": r[2], "examples": r[3]} for r in rows],
     }
     if json_output:
@@ -312,7 +338,8 @@ def quarantine(
         console.print(f"[bold]{item['reason']}[/] ({item['kind']}): {item['count']:,}")
         for ex in item["examples"]:
             line = f":{ex['line_no']}" if ex["line_no"] is not None else ""
-            console.print(f"    {ex['source']}{line}  {ex['error']}")
+            what = f"{ex['resource_type']}/{ex['resource_id']}  " if ex["resource_id"] else ""
+            console.print(f"    {ex['source']}{line}  {what}{escape(ex['error'])}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------- validate
@@ -362,9 +389,8 @@ def accept_run(
 ) -> None:
     """Accept a run the data-quality gate rejected, so later stages may build on it. Recorded with who and when."""
     from odyssey_batch.quality.gate import accept_run as record_acceptance
-    from odyssey_batch.warehouse import database_url
 
-    url = database_url(cli_settings())
+    _, url = open_warehouse()
     try:
         who = record_acceptance(url, run_id, reason, by)
     except (LookupError, ValueError) as exc:
@@ -456,10 +482,8 @@ def show_patient(
     """
     from odyssey_batch.sequences.store import open_dataset
     from odyssey_batch.sequences.view import patient_view
-    from odyssey_batch.warehouse import database_url
 
-    settings = cli_settings()
-    url = database_url(settings)
+    settings, url = open_warehouse()
     try:
         rows, summary = patient_view(url, open_dataset(url, settings, dataset), patient_id)
     except LookupError as exc:
@@ -956,7 +980,9 @@ DEMO_TOP = 10
 def demo(json_output: JsonOption = False) -> None:
     """Run every stage built so far on the embedded Postgres, and show what each did.
 
-    Always uses the embedded server under ODYSSEY_HOME (never a configured production warehouse).
+    Always uses the embedded server under ODYSSEY_HOME (never a configured production warehouse), in a database
+    of its own (`odyssey_demo`, created afresh each time; the default warehouse `odyssey` is not touched) and an
+    object store of its own (ODYSSEY_HOME/demo/objects, emptied first). It shows only its own synthetic patients.
     Today: start the server, migrate the schema, generate a synthetic export of 300 patients (seed 42), ingest
     it, validate it with the data-quality gate, tokenize it into a dataset with task labels, pretrain a tiny
     EHRMamba on it, finetune it on every task, evaluate it against the baselines and the export's true risk
@@ -975,8 +1001,12 @@ def demo(json_output: JsonOption = False) -> None:
     if not json_output:
         console.rule("[bold]odyssey-batch demo")
         console.print(f"Starting the embedded Postgres server under {settings.home} ...")
-    url = embedded_server.start(settings)
-    steps["warehouse"] = {"url": url, "migrations_applied": [m.version for m in upgrade(url)]}
+    url = embedded_server.start(settings, embedded_server.DEMO_DATABASE, fresh=True)
+    objects = settings.home / "demo" / "objects"
+    shutil.rmtree(objects, ignore_errors=True)
+    settings = settings.with_overrides(database_url=url, object_store=str(objects))
+    steps["warehouse"] = {"url": url, "object_store": str(objects),
+                          "migrations_applied": [m.version for m in upgrade(url)]}  # fmt: skip
     if not json_output:
         console.print(f"Warehouse ready: {url}\n")
         console.rule("[bold]1. Synthetic export")
@@ -1076,7 +1106,7 @@ def demo(json_output: JsonOption = False) -> None:
     with StageProgress(enabled=not json_output) as progress:
         scored = run_scoring(url, settings, as_of, ScoreOptions(cohort="active"), progress=progress.update)
     steps["score"] = scored.as_dict()
-    steps["top_risk"] = _top_risk(url, DEMO_TOP)
+    steps["top_risk"] = _top_risk(url, scored.run_id, DEMO_TOP)
     if json_output:
         emit_json(steps)
         return
@@ -1093,13 +1123,15 @@ def demo(json_output: JsonOption = False) -> None:
         f'  psql "{url}" -c "SELECT * FROM risk.latest_score ORDER BY probability DESC LIMIT 20"\n'
         f'  psql "{url}" -c "SELECT * FROM risk.patient_risk LIMIT 20"\n'
         f'  psql "{url}" -c "SELECT task, method, value FROM ops.model_evaluation WHERE metric = \'auroc\'"\n'
-        "See one patient's tokens: odyssey-batch show-patient <patient_id>; the models: odyssey-batch models list.\n"
+        "The demo has its own database: point other commands at it to explore, e.g.\n"
+        f'  ODYSSEY_DATABASE_URL="{url}" ODYSSEY_OBJECT_STORE="{objects}" odyssey-batch show-patient <patient_id>\n'
+        "(`odyssey-batch models list` likewise). Your own warehouse (`odyssey-batch db url`) is untouched.\n"
         "Stop the server with `odyssey-batch db stop`."
     )
 
 
-def _top_risk(url: str, n: int) -> dict[str, list[dict[str, Any]]]:
-    """The n highest latest scores per task, each with its top contributing events (when explained)."""
+def _top_risk(url: str, run_id: int, n: int) -> dict[str, list[dict[str, Any]]]:
+    """The n highest scores per task of scoring run ``run_id``, each with its top contributing events."""
     from odyssey_batch.warehouse import connect
 
     conn = connect(url)
@@ -1110,12 +1142,12 @@ def _top_risk(url: str, n: int) -> dict[str, list[dict[str, Any]]]:
                           coalesce(array_agg(coalesce(e.display, e.token) ORDER BY e.rank)
                                    FILTER (WHERE e.rank <= 3), '{}')
                    FROM (SELECT *, row_number() OVER (PARTITION BY task ORDER BY probability DESC, patient_id) AS n
-                         FROM risk.latest_score) s
-                   LEFT JOIN risk.latest_explanation e USING (patient_id, task)
+                         FROM risk.latest_score WHERE run_id = %s) s
+                   LEFT JOIN risk.latest_explanation e USING (patient_id, task, run_id)
                    WHERE s.n <= %s
                    GROUP BY s.task, s.patient_id, s.probability, s.risk_band
                    ORDER BY s.task, s.probability DESC, s.patient_id""",
-                (n,),
+                (run_id, n),
             )
             out: dict[str, list[dict[str, Any]]] = {}
             for task, patient, probability, band, events in cur.fetchall():
@@ -1132,11 +1164,23 @@ register_forecast(app)
 
 
 def main() -> None:
+    """The entry point: logs and warnings redacted from the start, and an unexpected error reported in one
+    redacted line (its traceback with ``--traceback``), exit status 1."""
+    from odyssey_batch.redaction import install_log_redaction, redacted_exception
+
+    install_log_redaction()
     try:
         app()
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]")
         sys.exit(130)
+    except Exception as exc:
+        if _show_traceback:
+            err_console.print(redacted_exception(exc, with_traceback=True), markup=False, highlight=False)
+        err_console.print(f"[red]error:[/] {escape(redacted_exception(exc))}")
+        if not _show_traceback:
+            err_console.print("Run the command again with `odyssey-batch --traceback ...` to see where it failed.")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""How commands talk to people and machines: rich summaries on stdout, progress on stderr, or JSON."""
+"""How commands talk to people and machines: rich summaries on stdout, progress on stderr, or JSON.
+
+Everything printed through ``console``, ``err_console``, ``table`` and ``emit_json`` goes through
+``odyssey_batch.redaction.redact`` first, so no password reaches the screen (``db url`` prints with plain
+``print``: the one documented exception).
+"""
 
 from __future__ import annotations
 
@@ -18,12 +23,22 @@ from rich.progress import (
 )
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+from odyssey_batch.redaction import redact
+
+
+class RedactingConsole(Console):
+    """A rich console whose text arguments are redacted before rendering (rendering may wrap a line)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(redact(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+console = RedactingConsole()
+err_console = RedactingConsole(stderr=True)
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(redact(json.dumps(data, indent=2, default=str)) + "\n")
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
@@ -31,7 +46,7 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     for i, name in enumerate(columns):
         out.add_column(name, justify="left" if i == 0 else "right")
     for row in rows:
-        out.add_row(*[f"{v:,}" if isinstance(v, int) else str(v) for v in row])
+        out.add_row(*[f"{v:,}" if isinstance(v, int) else redact(str(v)) for v in row])
     return out
 
 

@@ -21,13 +21,26 @@ class PermanentError(RuntimeError):
 
 def context() -> tuple[str, Settings]:
     """The warehouse URL and settings: the Airflow connection ``odyssey_warehouse`` when one is defined
-    (``AIRFLOW_CONN_ODYSSEY_WAREHOUSE``), else the ODYSSEY_* settings."""
-    from odyssey_batch.warehouse import database_url, upgrade
+    (``AIRFLOW_CONN_ODYSSEY_WAREHOUSE``), else the ODYSSEY_* settings. The schema must be current (a
+    ``PermanentError`` says to run ``odyssey-batch db upgrade`` as the owner): DAGs run as a login in
+    ``odyssey_pipeline`` and never migrate, except on the embedded server this installation owns. Log records are
+    redacted from here on (no password in task logs)."""
+    from odyssey_batch import redaction
+    from odyssey_batch.warehouse import SchemaNotCurrent, database_url, prepare
 
+    redaction.install_log_redaction()
     settings = load_settings()
+    redaction.remember_settings_secrets(settings)
     url = os.environ.get("AIRFLOW_CONN_ODYSSEY_WAREHOUSE", "").replace("postgres://", "postgresql://", 1)
-    url = url or database_url(settings)
-    upgrade(url)
+    owner = False
+    if url:
+        redaction.remember_secrets(redaction.dsn_password(url))
+    else:
+        url, owner = database_url(settings), settings.embedded
+    try:
+        prepare(url, owner=owner)
+    except SchemaNotCurrent as exc:
+        raise PermanentError(str(exc)) from exc
     return url, settings
 
 

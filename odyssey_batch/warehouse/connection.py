@@ -10,6 +10,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from odyssey_batch.redaction import redact  # also re-exported by odyssey_batch.warehouse
 from odyssey_batch.settings import Settings
 
 
@@ -35,16 +36,6 @@ def libpq_url(url: str) -> str:
     if url.startswith("postgresql+"):
         return "postgresql://" + url.split("://", 1)[1]
     return url
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
 
 
 def connect(url: str, *, application_name: str = "odyssey-batch") -> psycopg2.extensions.connection:

