@@ -137,3 +137,25 @@ def test_a_training_run_swept_meanwhile_is_never_marked_succeeded(db_url):
     with pytest.raises(RuntimeError, match="no longer running"):
         finish_run(db_url, run, 1, 1, 1.0, 1.0, 1.0, "x")
     assert run_sql(db_url, "SELECT status FROM ops.training_run") == [("abandoned",)]
+
+
+def test_a_broken_manifest_fails_the_airflow_task_at_once(db_url, tmp_path, monkeypatch):
+    """Retrying the same bytes cannot help: the ingest step raises PermanentError (no retries), nothing written."""
+    import json
+
+    from odyssey_batch.orchestration import steps
+
+    export = tmp_path / "landing" / "2026-01-02"
+    export.mkdir(parents=True)
+    for path in example_export().iterdir():
+        (export / path.name).write_bytes(path.read_bytes())
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["output"][0]["count"] = "four"
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("AIRFLOW_CONN_ODYSSEY_WAREHOUSE", db_url)
+    monkeypatch.setenv("ODYSSEY_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ODYSSEY_INGEST_WORKERS", "1")
+
+    with pytest.raises(steps.PermanentError, match=r"2026-01-02: manifest.json: output\[0\]\.count"):
+        steps.ingest_export(str(export))
+    assert run_sql(db_url, "SELECT count(*) FROM ops.ingest_run") == [(0,)]

@@ -69,11 +69,16 @@ def new_exports(landing: str) -> list[str]:
 
 
 def ingest_export(source: str) -> dict[str, Any]:
-    """Load one export; a run whose files are all refused raises (the task retries, then fails)."""
+    """Load one export; a run whose files are all refused raises (the task retries, then fails). A broken
+    manifest is a ``PermanentError``: the same bytes fail the same way on every retry."""
     from odyssey_batch.ingest import ingest
+    from odyssey_batch.ingest.discover import ManifestError
 
     url, settings = context()
-    data = ingest(source, settings, url=url).as_dict()
+    try:
+        data = ingest(source, settings, url=url).as_dict()
+    except ManifestError as exc:
+        raise PermanentError(f"{source}: {exc}") from exc
     keys = ("source", "run_id", "status", "records", "loaded", "normalized", "excluded", "excluded_reasons",
             "unchanged", "quarantined")  # fmt: skip
     return {k: data.get(k) for k in keys}
