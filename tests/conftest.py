@@ -97,6 +97,21 @@ def pretrained_warehouse(pg_admin_url: str, template_db: str, home: Path, patien
         yield url, chosen, parent
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A real S3 server (SeaweedFS on loopback, ``tests/s3_server.py``), started once for the test session."""
+    from tests.s3_server import seaweedfs
+
+    with pytest.MonkeyPatch.context() as mp:
+        # No AWS configuration of the machine may leak in (profiles, real keys).
+        for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        with seaweedfs(tmp_path_factory.mktemp("s3-server")) as server:
+            yield server
+
+
 @pytest.fixture
 def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated warehouse database for one test."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from odyssey_batch.ingest import ingest
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage.location import s3_client
 from tests.conftest import fresh_database, run_sql, shared_data, table_fingerprints
-from tests.s3_server import REGION, S3Server, seaweedfs
+from tests.s3_server import REGION, S3Server
 
 BUCKET = "hospital-exports"
 TINY = "tiny/2026-01-10"
@@ -68,21 +67,14 @@ def _upload(client, folder: Path, prefix: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
-    """A SeaweedFS S3 server on 127.0.0.1 with the tiny export and Synthea-100 uploaded."""
-    with pytest.MonkeyPatch.context() as mp:
-        # No AWS configuration of the machine may leak in (profiles, real keys, a different region).
-        for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_CONFIG_FILE", os.devnull)
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        with seaweedfs(tmp_path_factory.mktemp("s3-server")) as server:
-            store = S3(server)
-            client = s3_client(store.settings(Settings(home=tmp_path_factory.mktemp("s3-home"))))
-            client.make_bucket(BUCKET)
-            _upload(client, example_export(), TINY)
-            _upload(client, shared_data(SYNTHEA_DIR), SYNTHEA)
-            yield store
+def s3(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> S3:
+    """The session's S3 server with the tiny export and Synthea-100 uploaded."""
+    store = S3(s3_server)
+    client = s3_client(store.settings(Settings(home=tmp_path_factory.mktemp("s3-home"))))
+    client.make_bucket(BUCKET)
+    _upload(client, example_export(), TINY)
+    _upload(client, shared_data(SYNTHEA_DIR), SYNTHEA)
+    return store
 
 
 @pytest.fixture
