@@ -153,6 +153,20 @@ def test_pipeline_login_cannot_create_objects(db_url):
         assert owned_by(db_url, role) == []
 
 
+def test_pipeline_login_reads_but_cannot_rewrite_the_migration_bookkeeping(db_url):
+    """Every command checks ops.schema_migration; only the owner may say which migrations ran."""
+    applied = run_sql(db_url, "SELECT version, checksum FROM ops.schema_migration ORDER BY version")
+    with pipeline_login(db_url) as (_, url):
+        assert run_sql(url, "SELECT version, checksum FROM ops.schema_migration ORDER BY version") == applied
+        for statement in ("UPDATE ops.schema_migration SET checksum = 'x'",
+                          f"DELETE FROM ops.schema_migration WHERE version = {NEEDED}",
+                          "INSERT INTO ops.schema_migration (version, name, checksum) VALUES (9999, 'f', 'x')",
+                          "TRUNCATE ops.schema_migration"):  # fmt: skip
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                run_sql(url, statement)
+    assert run_sql(db_url, "SELECT version, checksum FROM ops.schema_migration ORDER BY version") == applied
+
+
 def test_tables_the_owner_adds_later_are_the_pipelines(db_url):
     """Default privileges: a table a later migration creates in a warehouse schema needs no grant of its own."""
     run_sql(db_url, "CREATE TABLE ops.later (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, x text)")
