@@ -126,8 +126,9 @@ def _record(death: str, discharge: str, died_in_stay: bool = False) -> PatientRe
     death_t = _t(f"{death}T00:00:00-04:00")
     enc = Encounter("h1", "EMER", start, _t(discharge), True, None, died_in_stay)
     lab = Event(_t(f"{death}T09:00:00-04:00"), TokenType.LAB, "MIMIC_LABITEM:50912", None, 1.0, "mg/dL")
-    return PatientRecord("p", _t("2100-01-01T00:00:00-05:00"), death_t, [enc], [lab],
-                         death_until=day_end(death_t, "America/New_York"), outpatient_zone="America/New_York")  # fmt: skip
+    until = day_end(death_t, "America/New_York")
+    birth = _t("2100-01-01T00:00:00-05:00")
+    return PatientRecord("p", birth, death_t, [enc], [lab], death_until=until, outpatient_zone="America/New_York")
 
 
 def test_the_death_date_rule_of_labels():
