@@ -37,6 +37,7 @@ def test_builtin_profiles_load_and_generic_is_todays_behaviour():
     mimic = load_profile("mimic-iv")
     assert mimic.timezone == "America/New_York" and mimic.shifted_dates
     assert mimic.condition_time == "encounter_end" and mimic.outside_encounters == "day"
+    assert mimic.medication_mix == "first_ingredient" and generic.medication_mix == "exclude"
     assert mimic.code_systems[f"{MIMIC}/CodeSystem/mimic-diagnosis-icd9"] == "ICD9CM"
     assert mimic.code_systems[f"{MIMIC}/CodeSystem/mimic-diagnosis-icd10"] == "ICD10CM"
     assert {"ICD9CM", "ICD10CM", "ICD10PCS", "NDC", "MIMIC_LABITEM"} <= set(mimic.short_names())
@@ -60,6 +61,7 @@ def test_a_hospitals_own_profile_and_what_is_refused(tmp_path: Path):
         'name = "x"\n[admission]\nclass_codes = "IMP"\n': "class_codes must be a list",
         'name = "x"\n[code_systems]\n"http://a" = "A:B"\n': "short names",
         'name = "x y"\n': "name must be",
+        'name = "x"\n[medications]\nmix = "average"\n': "mix must be one of",
     }
     for text, message in bad.items():
         path = tmp_path / "bad.toml"

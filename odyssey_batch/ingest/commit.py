@@ -39,7 +39,7 @@ from psycopg2.extras import execute_values
 from odyssey_batch.ingest import codes
 from odyssey_batch.ingest.normalize import EHR_TABLES, EXCLUSION_REASONS, NOT_MODELLED
 from odyssey_batch.ingest.references import resolve
-from odyssey_batch.profiles import load_profile
+from odyssey_batch.profiles import SourceProfile, load_profile
 
 
 class RunStateError(RuntimeError):
@@ -207,7 +207,7 @@ def _table_columns(cur: psycopg2.extensions.cursor, table: str) -> list[str]:
 
 
 def _medication_codes(
-    cur: psycopg2.extensions.cursor, ids: list[str], keep_text_codes: bool, aliases: dict[str, str]
+    cur: psycopg2.extensions.cursor, ids: list[str], keep_text_codes: bool, aliases: dict[str, str], mixes: bool
 ) -> tuple[dict[str, tuple[str, str, str | None]], dict[str, str], dict[str, str]]:
     """For Medications by id: the chosen code of those with one; the reason of those without; and for a mix
     without a code of its own, the id of its first ingredient Medication (``ingredient[].itemReference``)."""
@@ -226,7 +226,7 @@ def _medication_codes(
         if picked is not None:
             coded[medication_id] = picked
             continue
-        for ingredient in body.get("ingredient") or ():
+        for ingredient in body.get("ingredient") or () if mixes else ():
             item = ingredient.get("itemCodeableConcept") if isinstance(ingredient, dict) else None
             if item is not None:
                 picked = codes.pick_code(item, "Medication", keep_text_codes, aliases)
@@ -245,12 +245,14 @@ def _medication_codes(
 
 
 def _resolve_medications(
-    cur: psycopg2.extensions.cursor, run: dict[str, int], keep_text_codes: bool, aliases: dict[str, str]
+    cur: psycopg2.extensions.cursor, run: dict[str, int], keep_text_codes: bool, profile: SourceProfile
 ) -> None:
     """Fill the code of MedicationRequests that reference a Medication; exclude the others with the reason:
     ``unresolved-medication`` (no such Medication in the warehouse), ``medication-without-code`` (neither it nor
     its first ingredient has a code) or ``text-only-code`` (free text, not kept). A Medication without a code of
-    its own that is a mix (MIMIC's MedicationMix: a drug in a diluent) stands for its first ingredient."""
+    its own that is a mix (MIMIC's MedicationMix: a drug in a diluent) stands for its first ingredient where the
+    source profile says so (``[medications] mix = "first_ingredient"``)."""
+    aliases, mixes = profile.code_systems, profile.medication_mix == "first_ingredient"
     cur.execute(
         """SELECT DISTINCT medication_ref FROM staging.resource
            WHERE run_id = %(run)s AND resource_type = 'MedicationRequest' AND medication_ref IS NOT NULL""",
@@ -261,10 +263,10 @@ def _resolve_medications(
         "CREATE TEMP TABLE run_medication (medication_id text PRIMARY KEY, coded jsonb, reason text) ON COMMIT DROP"
     )
     if refs:
-        coded, reasons, ingredient_of = _medication_codes(cur, refs, keep_text_codes, aliases)
+        coded, reasons, ingredient_of = _medication_codes(cur, refs, keep_text_codes, aliases, mixes)
         if ingredient_of:  # one level of mix: the ingredients themselves are plain Medications
-            inner, inner_reasons, _ = _medication_codes(cur, sorted(set(ingredient_of.values())), keep_text_codes,
-                                                        aliases)  # fmt: skip
+            ingredients = sorted(set(ingredient_of.values()))
+            inner, inner_reasons, _ = _medication_codes(cur, ingredients, keep_text_codes, aliases, False)
             for mix, ingredient in ingredient_of.items():
                 if ingredient in inner:
                     coded[mix] = inner[ingredient]
@@ -439,7 +441,7 @@ def commit_run(conn: psycopg2.extensions.connection, run_id: int, *, keep_text_c
             inserted[resource_type] += n_inserted
             updated[resource_type] += n_updated
 
-        _resolve_medications(cur, run, keep_text_codes, profile.code_systems)
+        _resolve_medications(cur, run, keep_text_codes, profile)
         # Parents first; then encounter references that resolve nowhere are cleared; then the clinical rows.
         written = _upsert_ehr_types(cur, run, ("Patient", "Encounter"))
         cur.execute(_CLEAR_UNRESOLVED_ENCOUNTERS, run)

@@ -228,7 +228,7 @@ def _medication_request(r: dict, ctx: Context, out: Normalized) -> dict | None:
             out.skipped = "unresolved-medication"
             return None
         coded = _coded(medication, "Medication", ctx, out=out)
-        if coded is None and out.skipped == "no-code":
+        if coded is None and out.skipped == "no-code" and ctx.profile.medication_mix == "first_ingredient":
             ingredient = first_ingredient(medication, ctx)
             if isinstance(ingredient, dict):
                 out.skipped = None

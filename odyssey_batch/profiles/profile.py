@@ -13,6 +13,9 @@ points ``ODYSSEY_SOURCE_PROFILE`` or ``odyssey-batch ingest --profile`` at its p
 * ``[events]``: when a Condition without onset or recorded date became known (``encounter_start`` or
   ``encounter_end``), and what becomes of events outside every encounter (``drop``, or ``day``: one outpatient
   visit per calendar day in the source's zone);
+* ``[medications]``: ``mix``: what a MedicationRequest referencing a Medication without a code of its own (a mix
+  of ingredients, MIMIC's MedicationMix) gets: ``exclude`` (reason ``medication-without-code``) or
+  ``first_ingredient`` (the code of its first ingredient with one: the drug, not its diluent);
 * ``[code_systems]``: local code-system URLs -> the warehouse's short names (``ICD9CM``, ``LOINC``, or a new
   name such as ``MIMIC_LABITEM``); the data-quality gate allows the names a run's profile maps to.
 
@@ -31,10 +34,22 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 CONDITION_TIMES = ("encounter_start", "encounter_end")
+MEDICATION_MIXES = ("exclude", "first_ingredient")
 OUTSIDE_ENCOUNTERS = ("drop", "day")
-_TOP = {"name", "description", "detect", "timezone", "shifted_dates", "admission", "events", "code_systems"}
+_TOP = {
+    "name",
+    "description",
+    "detect",
+    "timezone",
+    "shifted_dates",
+    "admission",
+    "events",
+    "medications",
+    "code_systems",
+}
 _ADMISSION = {"class_codes", "profiles", "hospitalization", "part_of_is_sub_encounter", "death_dispositions"}
 _EVENTS = {"condition_time", "outside_encounters"}
+_MEDICATIONS = {"mix"}
 BUILTIN = ("generic", "mimic-iv")
 
 
@@ -53,6 +68,7 @@ class SourceProfile:
     death_dispositions: frozenset[str] = frozenset()
     condition_time: str = "encounter_start"
     outside_encounters: str = "drop"
+    medication_mix: str = "exclude"  # a Medication without a code of its own: "first_ingredient" stands for it
     code_systems: dict[str, str] = field(default_factory=dict)  # system URL -> short name
 
     def zone(self, default: str = "UTC") -> str:
@@ -97,6 +113,7 @@ class SourceProfile:
                 "death_dispositions": sorted(self.death_dispositions),
             },
             "events": {"condition_time": self.condition_time, "outside_encounters": self.outside_encounters},
+            "medications": {"mix": self.medication_mix},
             "code_systems": len(self.code_systems),
         }
 
@@ -136,8 +153,14 @@ def parse_profile(data: Mapping[str, Any], ref: str) -> SourceProfile:
             raise ValueError(f"{where}: timezone {timezone!r} is not an IANA time zone") from exc
     admission = data.get("admission", {})
     events = data.get("events", {})
+    medications = data.get("medications", {})
     systems = data.get("code_systems", {})
-    for table, known, label in ((admission, _ADMISSION, "admission"), (events, _EVENTS, "events")):
+    tables = (
+        (admission, _ADMISSION, "admission"),
+        (events, _EVENTS, "events"),
+        (medications, _MEDICATIONS, "medications"),
+    )
+    for table, known, label in tables:
         if not isinstance(table, dict):
             raise ValueError(f"{where}: [{label}] must be a table")
         _unknown(table, known, f"{where} [{label}]")
@@ -150,6 +173,9 @@ def parse_profile(data: Mapping[str, Any], ref: str) -> SourceProfile:
     outside = events.get("outside_encounters", "drop")
     if outside not in OUTSIDE_ENCOUNTERS:
         raise ValueError(f"{where}: [events] outside_encounters must be one of {', '.join(OUTSIDE_ENCOUNTERS)}")
+    mix = medications.get("mix", "exclude")
+    if mix not in MEDICATION_MIXES:
+        raise ValueError(f"{where}: [medications] mix must be one of {', '.join(MEDICATION_MIXES)}")
     description = data.get("description", "")
     return SourceProfile(
         name=name,
@@ -165,6 +191,7 @@ def parse_profile(data: Mapping[str, Any], ref: str) -> SourceProfile:
         death_dispositions=frozenset(_strings(admission.get("death_dispositions", []), f"{where}: dispositions")),
         condition_time=condition_time,
         outside_encounters=outside,
+        medication_mix=mix,
         code_systems=dict(systems),
     )
 
