@@ -42,6 +42,9 @@ class Settings:
     s3_secure: bool = True
     # Timezone applied to FHIR dates that carry no zone (partial dates such as ``2020-05``).
     default_timezone: str = "UTC"
+    # The source profile of the FHIR feed (``odyssey_batch/profiles``): a built-in name (``generic``, ``mimic-iv``)
+    # or the path of a hospital's own TOML file. Empty: detected per export from ``meta.profile`` (else generic).
+    source_profile: str = ""
     # Ingest: parallel validation workers (0 = number of CPU cores) and lines per work chunk.
     ingest_workers: int = 0
     ingest_chunk_lines: int = 2000

@@ -172,6 +172,8 @@ def _print_ingest_summary(result: dict[str, Any]) -> None:
         f"[{'red' if result['quarantined'] else 'green'}]{result['quarantined']:,} quarantined[/]"
         f" in {result['seconds']:.1f} s ({result['resources_per_s']:,.0f} resources/s)."
     )
+    if result.get("source_profile"):
+        console.print(f"Source profile: {result['source_profile']}")
     if result.get("excluded_reasons"):
         console.print(
             f"Excluded (kept raw in fhir.resource, no ehr.* row): {_excluded_text(result['excluded_reasons'])} "
@@ -198,6 +200,13 @@ def ingest(
     source: Annotated[str, typer.Argument(help="Export folder, single file, or s3://bucket/prefix.")],
     workers: Annotated[int, typer.Option(help="Validation worker processes (0 = one per CPU core).")] = -1,
     chunk_lines: Annotated[int, typer.Option(help="NDJSON lines per unit of work (bounds memory).")] = 0,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="Source profile: generic, mimic-iv or a TOML file's path (default: "
+            "ODYSSEY_SOURCE_PROFILE, else detected from meta.profile)."
+        ),
+    ] = "",
     json_output: JsonOption = False,
 ) -> None:
     """Load a FHIR R4 export into the warehouse.
@@ -219,6 +228,8 @@ def ingest(
         overrides["ingest_workers"] = workers
     if chunk_lines > 0:
         overrides["ingest_chunk_lines"] = chunk_lines
+    if profile:
+        overrides["source_profile"] = profile
     settings = settings.with_overrides(**overrides)
     try:
         with IngestProgress(enabled=not json_output) as progress:
@@ -408,12 +419,18 @@ def _print_tokenize_summary(data: dict[str, Any]) -> None:
         f"{data['visits']:,} visits, {data['events']:,} events, {data['tokens']:,} tokens, "
         f"vocabulary {data['vocab_size']:,} tokens, in {data['seconds']:.1f} s."
     )
+    if data.get("events_by_type"):
+        by_type = ", ".join(f"{k} {v:,}" for k, v in data["events_by_type"].items())
+        console.print(f"Events per token type: {by_type} (source profile {data.get('source_profile', 'generic')}).")
     rates = ", ".join(f"{k} {v:.2%}" for k, v in data["unknown_rate"].items())
-    console.print(f"Event tokens not in the vocabulary ([UNK]): {rates}.")
+    console.print(f"Event tokens not in the vocabulary ([UNK]) per split: {rates}.")
     if data["dropped"]:
         console.print(
-            "Left out of sequences: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in data["dropped"].items())
+            "Left out of sequences, per reason: "
+            + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in data["dropped"].items())
         )
+    else:
+        console.print("Left out of sequences: nothing.")
     rows = [[t, c["points"], c["positive"], c["negative"], c["censored"],
              f"{c['positive'] / (c['positive'] + c['negative']):.1%}" if c["positive"] + c["negative"] else "-"]
             for t, c in data["labels"].items()]  # fmt: skip

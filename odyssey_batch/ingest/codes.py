@@ -14,6 +14,7 @@ characters), so that the same free text always gives the same code; the display 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 SYSTEM_NAMES: dict[str, str] = {
     "http://snomed.info/sct": "SNOMED",
@@ -43,9 +44,12 @@ PREFERRED: dict[str, tuple[str, ...]] = {
 }
 
 
-def system_name(uri: str | None) -> str:
+def system_name(uri: str | None, aliases: Mapping[str, str] | None = None) -> str:
+    """The short name of a code system: the source profile's alias for it, else the known name, else the URI."""
     if not uri:
         return LOCAL
+    if aliases and uri in aliases:
+        return aliases[uri]
     return SYSTEM_NAMES.get(uri, uri)
 
 
@@ -55,7 +59,9 @@ def _codings_with_code(concept: object) -> list[dict]:
     return [c for c in concept.get("coding") or () if isinstance(c, dict) and c.get("code")]
 
 
-def pick_coding(concept: object, kind: str) -> tuple[str, str, str | None] | None:
+def pick_coding(
+    concept: object, kind: str, aliases: Mapping[str, str] | None = None
+) -> tuple[str, str, str | None] | None:
     """``(code_system, code, display)`` of the best coding of a CodeableConcept, or None if none has a code."""
     codings = _codings_with_code(concept)
     if not codings:
@@ -64,12 +70,12 @@ def pick_coding(concept: object, kind: str) -> tuple[str, str, str | None] | Non
 
     def rank(item: tuple[int, dict]) -> tuple[int, int]:
         position, coding = item
-        name = system_name(coding.get("system"))
+        name = system_name(coding.get("system"), aliases)
         return (preference.index(name) if name in preference else len(preference), position)
 
     _, best = min(enumerate(codings), key=rank)
     display = best.get("display") or concept.get("text")
-    return system_name(best.get("system")), str(best["code"]), display
+    return system_name(best.get("system"), aliases), str(best["code"]), display
 
 
 def text_code(text: object) -> str | None:
@@ -85,9 +91,11 @@ def only_text(concept: object) -> bool:
     return isinstance(concept, dict) and not _codings_with_code(concept) and text_code(concept.get("text")) is not None
 
 
-def pick_code(concept: object, kind: str, keep_text: bool = True) -> tuple[str, str, str | None] | None:
+def pick_code(
+    concept: object, kind: str, keep_text: bool = True, aliases: Mapping[str, str] | None = None
+) -> tuple[str, str, str | None] | None:
     """Like ``pick_coding``, falling back to the concept's free text as a ``TEXT`` code when ``keep_text``."""
-    picked = pick_coding(concept, kind)
+    picked = pick_coding(concept, kind, aliases)
     if picked is not None or not keep_text or not isinstance(concept, dict):
         return picked
     code = text_code(concept.get("text"))

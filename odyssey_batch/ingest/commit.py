@@ -38,6 +38,8 @@ from psycopg2.extras import execute_values
 
 from odyssey_batch.ingest import codes
 from odyssey_batch.ingest.normalize import EHR_TABLES, EXCLUSION_REASONS, NOT_MODELLED
+from odyssey_batch.ingest.references import resolve
+from odyssey_batch.profiles import SourceProfile, load_profile
 
 
 class RunStateError(RuntimeError):
@@ -167,6 +169,19 @@ WITH cleared AS (
 SELECT count(*) FROM cleared;
 """
 
+# For a source whose dates are shifted (de-identification), the clock says nothing about "the future": the
+# run's data_end is the latest time its own rows hold, the bound of the gate's future checks and of censoring.
+_SHIFTED_DATA_END = """
+UPDATE ops.ingest_run SET data_end = (SELECT max(t) FROM (
+    SELECT max(greatest(start_time, end_time)) AS t FROM ehr.encounter WHERE run_id = %(run)s
+    UNION ALL SELECT max(effective_time) FROM ehr.observation WHERE run_id = %(run)s
+    UNION ALL SELECT max(greatest(onset_time, recorded_time, abatement_time)) FROM ehr.condition WHERE run_id = %(run)s
+    UNION ALL SELECT max(performed_time) FROM ehr.procedure WHERE run_id = %(run)s
+    UNION ALL SELECT max(authored_time) FROM ehr.medication_request WHERE run_id = %(run)s
+    UNION ALL SELECT max(greatest(birth_date::timestamptz, death_time)) FROM ehr.patient WHERE run_id = %(run)s) x)
+WHERE run_id = %(run)s;
+"""
+
 _PUBLISH_QUARANTINE = """
 INSERT INTO ops.quarantine
     (run_id, source, line_no, resource_type, resource_id, kind, reason, error, raw_text, raw_bytes)
@@ -191,10 +206,53 @@ def _table_columns(cur: psycopg2.extensions.cursor, table: str) -> list[str]:
     return [row[0] for row in cur.fetchall()]
 
 
-def _resolve_medications(cur: psycopg2.extensions.cursor, run: dict[str, int], keep_text_codes: bool) -> None:
+def _medication_codes(
+    cur: psycopg2.extensions.cursor, ids: list[str], keep_text_codes: bool, aliases: dict[str, str], mixes: bool
+) -> tuple[dict[str, tuple[str, str, str | None]], dict[str, str], dict[str, str]]:
+    """For Medications by id: the chosen code of those with one; the reason of those without; and for a mix
+    without a code of its own, the id of its first ingredient Medication (``ingredient[].itemReference``)."""
+    coded: dict[str, tuple[str, str, str | None]] = {}
+    reasons: dict[str, str] = {}
+    ingredient_of: dict[str, str] = {}
+    if not ids:
+        return coded, reasons, ingredient_of
+    cur.execute(
+        "SELECT resource_id, body FROM fhir.resource WHERE resource_type = 'Medication' AND resource_id = ANY(%s)",
+        (ids,),
+    )
+    for medication_id, body in cur.fetchall():
+        concept = body.get("code")
+        picked = codes.pick_code(concept, "Medication", keep_text_codes, aliases)
+        if picked is not None:
+            coded[medication_id] = picked
+            continue
+        for ingredient in body.get("ingredient") or () if mixes else ():
+            item = ingredient.get("itemCodeableConcept") if isinstance(ingredient, dict) else None
+            if item is not None:
+                picked = codes.pick_code(item, "Medication", keep_text_codes, aliases)
+                if picked is not None:
+                    coded[medication_id] = picked
+                    break
+                continue
+            reference = ingredient.get("itemReference") if isinstance(ingredient, dict) else None
+            target = resolve(reference.get("reference")) if isinstance(reference, dict) else None
+            if target is not None and target.resource_type == "Medication" and not target.contained:
+                ingredient_of[medication_id] = target.resource_id
+                break
+        if medication_id not in coded and medication_id not in ingredient_of:
+            reasons[medication_id] = "text-only-code" if codes.only_text(concept) else "medication-without-code"
+    return coded, reasons, ingredient_of
+
+
+def _resolve_medications(
+    cur: psycopg2.extensions.cursor, run: dict[str, int], keep_text_codes: bool, profile: SourceProfile
+) -> None:
     """Fill the code of MedicationRequests that reference a Medication; exclude the others with the reason:
-    ``unresolved-medication`` (no such Medication in the warehouse), ``medication-without-code`` (e.g. a mix
-    of ingredients) or ``text-only-code`` (free text, not kept)."""
+    ``unresolved-medication`` (no such Medication in the warehouse), ``medication-without-code`` (neither it nor
+    its first ingredient has a code) or ``text-only-code`` (free text, not kept). A Medication without a code of
+    its own that is a mix (MIMIC's MedicationMix: a drug in a diluent) stands for its first ingredient where the
+    source profile says so (``[medications] mix = "first_ingredient"``)."""
+    aliases, mixes = profile.code_systems, profile.medication_mix == "first_ingredient"
     cur.execute(
         """SELECT DISTINCT medication_ref FROM staging.resource
            WHERE run_id = %(run)s AND resource_type = 'MedicationRequest' AND medication_ref IS NOT NULL""",
@@ -205,20 +263,20 @@ def _resolve_medications(cur: psycopg2.extensions.cursor, run: dict[str, int], k
         "CREATE TEMP TABLE run_medication (medication_id text PRIMARY KEY, coded jsonb, reason text) ON COMMIT DROP"
     )
     if refs:
-        cur.execute(
-            "SELECT resource_id, body FROM fhir.resource WHERE resource_type = 'Medication' AND resource_id = ANY(%s)",
-            (refs,),
-        )
-        medications = []
-        for medication_id, body in cur.fetchall():
-            concept = body.get("code")
-            picked = codes.pick_code(concept, "Medication", keep_text_codes)
-            if picked is not None:
-                coded = dict(zip(("code_system", "code", "display"), picked, strict=True))
-                medications.append((medication_id, orjson.dumps(coded).decode(), None))
-            else:
-                reason = "text-only-code" if codes.only_text(concept) else "medication-without-code"
-                medications.append((medication_id, None, reason))
+        coded, reasons, ingredient_of = _medication_codes(cur, refs, keep_text_codes, aliases, mixes)
+        if ingredient_of:  # one level of mix: the ingredients themselves are plain Medications
+            ingredients = sorted(set(ingredient_of.values()))
+            inner, inner_reasons, _ = _medication_codes(cur, ingredients, keep_text_codes, aliases, False)
+            for mix, ingredient in ingredient_of.items():
+                if ingredient in inner:
+                    coded[mix] = inner[ingredient]
+                else:
+                    reasons[mix] = inner_reasons.get(ingredient, "medication-without-code")
+        medications = [
+            (medication_id, orjson.dumps(dict(zip(("code_system", "code", "display"), picked, strict=True))).decode(),
+             None)
+            for medication_id, picked in coded.items()
+        ] + [(medication_id, None, reason) for medication_id, reason in reasons.items()]  # fmt: skip
         if medications:
             execute_values(cur, "INSERT INTO run_medication VALUES %s", medications)
         cur.execute(
@@ -347,12 +405,13 @@ def commit_run(conn: psycopg2.extensions.connection, run_id: int, *, keep_text_c
     run = {"run": run_id}
     with conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (MERGE_LOCK,))
-        cur.execute("SELECT status FROM ops.ingest_run WHERE run_id = %s FOR UPDATE", (run_id,))
+        cur.execute("SELECT status, source_profile FROM ops.ingest_run WHERE run_id = %s FOR UPDATE", (run_id,))
         row = cur.fetchone()
         if row is None:
             raise RunStateError(f"ingest run {run_id} does not exist")
         if row[0] != "running":
             raise RunStateError(f"ingest run {run_id} is {row[0]}, not running; start a new run")
+        profile = load_profile(row[1] or "")
 
         cur.execute(_ORPHANS, run)
 
@@ -382,7 +441,7 @@ def commit_run(conn: psycopg2.extensions.connection, run_id: int, *, keep_text_c
             inserted[resource_type] += n_inserted
             updated[resource_type] += n_updated
 
-        _resolve_medications(cur, run, keep_text_codes)
+        _resolve_medications(cur, run, keep_text_codes, profile)
         # Parents first; then encounter references that resolve nowhere are cleared; then the clinical rows.
         written = _upsert_ehr_types(cur, run, ("Patient", "Encounter"))
         cur.execute(_CLEAR_UNRESOLVED_ENCOUNTERS, run)
@@ -452,6 +511,8 @@ def commit_run(conn: psycopg2.extensions.connection, run_id: int, *, keep_text_c
             "unresolved_encounter_refs": unresolved_encounters,
         }
         _record_accounting(cur, run_id, by_type)
+        if profile.shifted_dates:
+            cur.execute(_SHIFTED_DATA_END, run)
         purge_staging(cur, run_id)
         cur.execute(
             """UPDATE ops.ingest_run SET status = 'succeeded', finished_at = now(), counts = counts || %s::jsonb

@@ -36,6 +36,11 @@ def to_timestamp(value: str | None, default_tz: str) -> str | None:
     return start.isoformat()
 
 
+def is_partial(value: str) -> bool:
+    """Whether a FHIR date/dateTime has no time (``2180-09-09``, ``2180-09``, ``2180``)."""
+    return _PARTIAL.match(value) is not None
+
+
 def to_date(value: str | None) -> str | None:
     """A FHIR date (possibly partial) as ``YYYY-MM-DD``, or None."""
     if not value:

@@ -16,6 +16,7 @@ from typing import Any
 
 from odyssey_batch.ingest import codes, fhirtime
 from odyssey_batch.ingest.references import Target, reference_of, resolve
+from odyssey_batch.profiles import GENERIC, SourceProfile
 
 # Where a resource names the patient it belongs to, in order of preference.
 PATIENT_FIELDS = ("subject", "patient", "beneficiary")
@@ -39,7 +40,7 @@ EXCLUSION_REASONS = {
     "no-code": "its code (or medication) has neither a coding with a code nor a text",
     "text-only-code": "its code is free text only, and ODYSSEY_KEEP_TEXT_CODES is false",
     "unresolved-medication": "its medicationReference resolves to no Medication",
-    "medication-without-code": "the Medication it references has no code (e.g. a mix of ingredients)",
+    "medication-without-code": "the Medication it references has no code, nor an ingredient with one",
 }
 
 
@@ -62,6 +63,11 @@ class Context:
     default_tz: str = "UTC"
     full_urls: Mapping[str, tuple[str, str]] | None = None  # Bundle fullUrl -> (type, id)
     keep_text_codes: bool = True  # a concept with only a text becomes a TEXT code (see codes.py)
+    profile: SourceProfile = GENERIC  # admissions, code-system aliases (default_tz is already the profile's zone)
+
+    @property
+    def aliases(self) -> Mapping[str, str]:
+        return self.profile.code_systems
 
     def resolve(self, element: object) -> Target | None:
         return resolve(reference_of(element), self.full_urls)
@@ -94,7 +100,7 @@ def _coded(resource: dict, kind: str, ctx: Context, element: str = "code",
            out: Normalized | None = None) -> dict[str, Any] | None:  # fmt: skip
     """The chosen coding as row fields; when there is none, None (and ``out`` records why)."""
     concept = resource.get(element)
-    picked = codes.pick_code(concept, kind, ctx.keep_text_codes)
+    picked = codes.pick_code(concept, kind, ctx.keep_text_codes, ctx.aliases)
     if picked is None:
         if out is not None:
             out.skipped = "text-only-code" if codes.only_text(concept) else "no-code"
@@ -111,14 +117,21 @@ def _patient(r: dict, ctx: Context, out: Normalized) -> dict | None:
         "gender": r.get("gender"),
         "deceased": bool(r.get("deceasedBoolean")) or death is not None,
         "death_time": _ts(death, ctx),
+        # a date-only death is a calendar date in the source's zone: death_time is its first instant
+        "death_date_only": fhirtime.is_partial(death) if death else None,
     }
 
 
 def _encounter(r: dict, ctx: Context, out: Normalized) -> dict | None:
     klass = r.get("class")
     types = r.get("type") or []
-    picked = codes.pick_code(types[0], "Encounter", ctx.keep_text_codes) if types else None
+    picked = codes.pick_code(types[0], "Encounter", ctx.keep_text_codes, ctx.aliases) if types else None
     period = r.get("period")
+    part_of = ctx.resolve(r.get("partOf"))
+    hospitalization = r.get("hospitalization")
+    disposition = None
+    if isinstance(hospitalization, dict):
+        disposition = codes.first_code(hospitalization.get("dischargeDisposition"))
     return {
         "encounter_id": r["id"],
         "class_code": klass.get("code") if isinstance(klass, dict) else None,
@@ -128,6 +141,10 @@ def _encounter(r: dict, ctx: Context, out: Normalized) -> dict | None:
         "status": r.get("status"),
         "start_time": _ts(fhirtime.period_start(period), ctx),
         "end_time": _ts(fhirtime.period_end(period), ctx),
+        "admission": ctx.profile.is_admission(r),
+        "part_of": part_of.resource_id if part_of is not None and part_of.resource_type == "Encounter" else None,
+        "discharge_disposition": disposition,
+        "died_in_stay": ctx.profile.died_in_stay(disposition),
     }
 
 
@@ -167,6 +184,32 @@ def _contained(r: dict, target: Target) -> dict | None:
     return None
 
 
+def first_ingredient(medication: dict, ctx: Context) -> dict[str, Any] | str | None:
+    """What a Medication without a code of its own stands for (a mix, e.g. a drug in saline): the code of its
+    first ingredient that has one, as row fields; or the id of the first ingredient Medication to look up; or
+    None. Ingredients given as a code (``itemCodeableConcept``) or a contained Medication are read here."""
+    for ingredient in medication.get("ingredient") or ():
+        if not isinstance(ingredient, dict):
+            continue
+        if "itemCodeableConcept" in ingredient:
+            picked = codes.pick_code(ingredient["itemCodeableConcept"], "Medication", ctx.keep_text_codes, ctx.aliases)
+            if picked is not None:
+                return {"code_system": picked[0], "code": picked[1], "display": picked[2]}
+            continue
+        target = ctx.resolve(ingredient.get("itemReference"))
+        if target is None:
+            continue
+        if target.contained:
+            item = _contained(medication, target)
+            picked = codes.pick_code(item.get("code"), "Medication", ctx.keep_text_codes, ctx.aliases) if item else None
+            if picked is not None:
+                return {"code_system": picked[0], "code": picked[1], "display": picked[2]}
+            continue
+        if target.resource_type == "Medication":
+            return target.resource_id
+    return None
+
+
 def _medication_request(r: dict, ctx: Context, out: Normalized) -> dict | None:
     row: dict[str, Any] = {
         "medication_request_id": r["id"],
@@ -185,6 +228,16 @@ def _medication_request(r: dict, ctx: Context, out: Normalized) -> dict | None:
             out.skipped = "unresolved-medication"
             return None
         coded = _coded(medication, "Medication", ctx, out=out)
+        if coded is None and out.skipped == "no-code" and ctx.profile.medication_mix == "first_ingredient":
+            ingredient = first_ingredient(medication, ctx)
+            if isinstance(ingredient, dict):
+                out.skipped = None
+                return {**row, **ingredient}
+            if isinstance(ingredient, str):  # a contained mix of Medications sent apart: looked up at commit
+                out.skipped = None
+                row["medication_id"] = ingredient
+                out.medication_ref = ingredient
+                return row
         if coded is None:
             out.skipped = "medication-without-code" if out.skipped == "no-code" else out.skipped
             return None
@@ -238,7 +291,7 @@ def _observation(r: dict, ctx: Context, out: Normalized) -> dict | None:
     )
     value_num, unit, value_text = _value(r, "Observation")
     for seq, component in enumerate(r.get("component") or (), start=1):
-        picked = codes.pick_coding(component.get("code"), "Observation")  # components stay coded-only
+        picked = codes.pick_coding(component.get("code"), "Observation", ctx.aliases)  # coded-only
         if picked is None:
             continue
         c_num, c_unit, c_text = _value(component, "Observation")

@@ -28,6 +28,7 @@ from psycopg2.extras import execute_values
 
 from odyssey_batch.ingest.commit import commit_run, purge_staging, refresh_statistics
 from odyssey_batch.ingest.discover import ExportFile, ExportPlan, plan_export
+from odyssey_batch.ingest.profile_choice import choose_profile
 from odyssey_batch.ingest.reader import ReadProblem, iter_line_chunks, read_document
 from odyssey_batch.ingest.stage import (
     QUARANTINE_COLUMNS,
@@ -38,6 +39,7 @@ from odyssey_batch.ingest.stage import (
     process,
 )
 from odyssey_batch.parallel import Marker, ordered_map
+from odyssey_batch.profiles import SourceProfile, load_profile
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage import Location, open_location
 from odyssey_batch.storage.location import UnsafeName
@@ -81,6 +83,7 @@ class IngestResult:
     files: int
     ignored: list[str] = field(default_factory=list)
     manifest_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    source_profile: str = "generic"
 
     @property
     def resources_per_s(self) -> float:
@@ -94,6 +97,7 @@ class IngestResult:
             "seconds": round(self.seconds, 3),
             "resources_per_s": round(self.resources_per_s, 1),
             "files": self.files,
+            "source_profile": self.source_profile,
             "ignored_files": self.ignored,
             "manifest_mismatches": self.manifest_mismatches,
             **self.counts,
@@ -114,20 +118,25 @@ class _FileEnd(Marker):
 
 
 def begin_run(
-    conn: psycopg2.extensions.connection, source: str, plan: ExportPlan, stale_run_minutes: float = 30.0
-) -> int:
-    """Register a new run; abandon unfinished earlier runs of the same source, and unfinished runs of any source
-    with no heartbeat for ``stale_run_minutes``, and purge their staged rows."""
+    conn: psycopg2.extensions.connection, source: str, plan: ExportPlan, stale_run_minutes: float = 30.0,
+    profile: SourceProfile | None = None,
+) -> int:  # fmt: skip
+    """Register a new run (with the source profile it uses, generic by default); abandon unfinished earlier runs
+    of the same source, and unfinished runs of any source with no heartbeat for ``stale_run_minutes``, and purge
+    their staged rows."""
+    profile = profile or load_profile("")
     with conn, conn.cursor() as cur:
         cur.execute(
-            """INSERT INTO ops.ingest_run (source, transaction_time, host, pid, counts)
-               VALUES (%s, %s, %s, %s, %s::jsonb) RETURNING run_id""",
+            """INSERT INTO ops.ingest_run (source, transaction_time, host, pid, counts, source_profile, shifted_dates)
+               VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s) RETURNING run_id""",
             (
                 source,
                 plan.transaction_time,  # checked by plan_export
                 socket.gethostname(),
                 os.getpid(),
                 orjson.dumps({"manifest": plan.manifest, "missing_files": plan.missing}).decode(),
+                profile.ref,
+                profile.shifted_dates,
             ),
         )
         run_id = cur.fetchone()[0]
@@ -170,9 +179,18 @@ def fail_run(conn: psycopg2.extensions.connection, run_id: int, error: BaseExcep
         )
 
 
+def run_profile(conn: psycopg2.extensions.connection, run_id: int) -> SourceProfile:
+    """The source profile a registered run uses."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT source_profile FROM ops.ingest_run WHERE run_id = %s", (run_id,))
+        row = cur.fetchone()
+    conn.commit()
+    return load_profile(row[0] if row else "")
+
+
 def _jobs(
     location: Location, files: list[ExportFile], run_id: int, settings: Settings, progress: Progress,
-    first_file_no: int,
+    first_file_no: int, profile: SourceProfile,
 ) -> Iterator[Any]:  # fmt: skip
     """The job stream: for each file a start marker, its jobs, and an end marker with any read problem."""
     for offset, export_file in enumerate(files):
@@ -194,7 +212,7 @@ def _jobs(
                 else:
                     yield DocumentJob(
                         run_id, file_no, source, data, settings.default_timezone,
-                        keep_text_codes=settings.keep_text_codes,
+                        keep_text_codes=settings.keep_text_codes, profile=profile,
                     )  # fmt: skip
             else:
                 for chunk in iter_line_chunks(
@@ -208,6 +226,7 @@ def _jobs(
                         run_id, file_no, source, chunk, settings.default_timezone,
                         expected_type=export_file.resource_type,
                         export_errors=export_file.format == "export-error", keep_text_codes=settings.keep_text_codes,
+                        profile=profile,
                     )  # fmt: skip
         yield _FileEnd(file_no, export_file, problem)
 
@@ -219,15 +238,19 @@ _INSERT_QUARANTINE = f"INSERT INTO staging.quarantine ({', '.join(QUARANTINE_COL
 def stage_files(
     conn: psycopg2.extensions.connection, run_id: int, location: Location, files: list[ExportFile],
     settings: Settings, progress: Progress | None = None, first_file_no: int = 0,
+    profile: SourceProfile | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Validate and stage the given files of a run; one committed transaction per file."""
+    """Validate and stage the given files of a run; one committed transaction per file. ``profile``: the run's
+    source profile (default: the one ``begin_run`` recorded)."""
     progress = progress or _NoProgress()
+    profile = profile or run_profile(conn, run_id)
     workers = settings.ingest_workers or os.cpu_count() or 1
     stats: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
     cur = conn.cursor()
     try:
-        for item in ordered_map(process, _jobs(location, files, run_id, settings, progress, first_file_no), workers):
+        jobs = _jobs(location, files, run_id, settings, progress, first_file_no, profile)
+        for item in ordered_map(process, jobs, workers):
             if isinstance(item, _FileStart):
                 current = {"file": item.file.name, "records": 0, "staged": 0, "quarantined": 0, "format": None}
             elif isinstance(item, ChunkResult):
@@ -293,14 +316,15 @@ def ingest(
             first = plan.refused[0]
             refused = f"; {len(plan.refused)} entries refused, e.g. {first.name}: {first.message}"
         raise FileNotFoundError(f"no FHIR files (*.ndjson[.gz], *.json[.gz]) found in {location.uri}{refused}")
+    profile = choose_profile(settings.source_profile, location, plan.files)
     url = url or database_url(settings)
     conn = connect(url)
     try:
-        run_id = begin_run(conn, location.uri, plan, settings.stale_run_minutes)
+        run_id = begin_run(conn, location.uri, plan, settings.stale_run_minutes, profile)
         try:
             with heartbeat(url, settings, ("ingest", run_id)):  # the merge holds the run's row lock: alive
                 progress.start(sum(f.size for f in plan.files), len(plan.files))
-                stats = stage_files(conn, run_id, location, plan.files, settings, progress)
+                stats = stage_files(conn, run_id, location, plan.files, settings, progress, profile=profile)
                 mismatches = _manifest_mismatches(stats)
                 if mismatches:
                     with conn, conn.cursor() as cur:
@@ -326,4 +350,5 @@ def ingest(
         files=len(plan.files),
         ignored=plan.ignored,
         manifest_mismatches=mismatches,
+        source_profile=profile.ref,
     )

@@ -15,6 +15,7 @@ import orjson
 from odyssey_batch.ingest.normalize import Context
 from odyssey_batch.ingest.reader import TooLarge
 from odyssey_batch.ingest.validate import Rejected, check_depth, check_resource, json_error_reason
+from odyssey_batch.profiles import GENERIC, SourceProfile
 
 STAGING_COLUMNS = (
     "run_id", "file_no", "line_no", "source", "resource_type", "resource_id", "version_id", "last_updated",
@@ -38,6 +39,10 @@ class LinesJob:
     expected_type: str | None = None
     keep_text_codes: bool = True  # see codes.py: free-text-only concepts become TEXT codes
     export_errors: bool = False  # a Bulk Data error file: every line is an OperationOutcome to quarantine
+    profile: SourceProfile = GENERIC
+
+    def context(self) -> Context:
+        return Context(self.profile.zone(self.default_tz), keep_text_codes=self.keep_text_codes, profile=self.profile)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ class DocumentJob:
     data: bytes
     default_tz: str = "UTC"
     keep_text_codes: bool = True
+    profile: SourceProfile = GENERIC
+
+    def context(self, full_urls: dict[str, tuple[str, str]] | None = None) -> Context:
+        return Context(self.profile.zone(self.default_tz), full_urls, self.keep_text_codes, self.profile)
 
 
 @dataclass
@@ -135,7 +144,7 @@ class _Stager:
 
 def process_lines(job: LinesJob) -> ChunkResult:
     stager = _Stager(ChunkResult(job.file_no), job.run_id, job.file_no, job.source)
-    ctx = Context(default_tz=job.default_tz, keep_text_codes=job.keep_text_codes)
+    ctx = job.context()
     for line_no, raw in job.lines:
         if isinstance(raw, TooLarge):
             stager.result.records += 1
@@ -204,7 +213,7 @@ def process_document(job: DocumentJob) -> ChunkResult:
 
     if not (isinstance(obj, dict) and obj.get("resourceType") == "Bundle"):
         stager.result.document_format = "resource"
-        stager.resource(1, obj, None, Context(default_tz=job.default_tz, keep_text_codes=job.keep_text_codes), None)
+        stager.resource(1, obj, None, job.context(), None)
         return stager.finish()
 
     stager.result.document_format = "bundle"
@@ -213,7 +222,7 @@ def process_document(job: DocumentJob) -> ChunkResult:
         stager.reject(1, "invalid-bundle", "Bundle.entry is not a list", text, kind="file",
                       resource_type="Bundle", resource_id=obj.get("id"))  # fmt: skip
         return stager.finish()
-    ctx = Context(default_tz=job.default_tz, full_urls=_bundle_index(entries), keep_text_codes=job.keep_text_codes)
+    ctx = job.context(_bundle_index(entries))
     for index, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict):
             stager.result.records += 1

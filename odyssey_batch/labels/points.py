@@ -24,6 +24,7 @@ class Stay:
     end: float | None  # None while ongoing
     first_encounter_id: str
     last_encounter_id: str
+    died: bool = False  # an encounter of the stay was discharged with a disposition meaning death
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,21 +39,24 @@ class LabelPoint:
 
 
 def inpatient_stays(timeline: Timeline, registry: Registry) -> list[Stay]:
+    """Hospital admissions (the registry's inpatient classes, or what the source profile calls an admission),
+    transfers within ``transfer_gap_hours`` merged into one stay."""
     encounters = sorted(
-        (e for e in timeline.encounters if e.class_code in registry.inpatient_classes and e.start is not None),
+        (e for e in timeline.encounters
+         if (e.admission or e.class_code in registry.inpatient_classes) and e.start is not None),
         key=lambda e: (e.start, e.encounter_id),
-    )
+    )  # fmt: skip
     gap = registry.transfer_gap_hours * HOUR
     stays: list[Stay] = []
     for enc in encounters:
         if stays and stays[-1].end is not None and enc.start <= stays[-1].end + gap:  # type: ignore[operator]
             last = stays[-1]
             end = None if enc.end is None else max(last.end, enc.end)  # type: ignore[type-var]
-            stays[-1] = Stay(last.start, end, last.first_encounter_id, enc.encounter_id)
+            stays[-1] = Stay(last.start, end, last.first_encounter_id, enc.encounter_id, last.died or enc.died_in_stay)
         elif stays and stays[-1].end is None:
             continue  # an admission inside an ongoing stay
         else:
-            stays.append(Stay(enc.start, enc.end, enc.encounter_id, enc.encounter_id))  # type: ignore[arg-type]
+            stays.append(Stay(enc.start, enc.end, enc.encounter_id, enc.encounter_id, enc.died_in_stay))  # type: ignore[arg-type]
     return stays
 
 
@@ -84,8 +88,8 @@ def trigger(task: Task, stay: Stay, death: float | None, data_end: float) -> tup
     """The task's prediction time for a stay and the index encounter, or None when the stay triggers nothing by
     ``data_end`` (labels and nightly scoring share this rule)."""
     if task.trigger == "discharge":
-        if stay.end is None or (death is not None and death <= stay.end):
-            return None  # ongoing, or the patient died during the stay
+        if stay.end is None or stay.died or (death is not None and death <= stay.end):
+            return None  # ongoing, or the patient died during the stay (a date-only death: on or before its day)
         when, index = stay.end, stay.last_encounter_id
     else:
         when, index = stay.start + task.offset_hours * HOUR, stay.first_encounter_id

@@ -9,7 +9,9 @@ the run; ``warning`` failures are reported and stored.
 Times in the future are critical: an event, a birth or death, a ``meta.lastUpdated`` or the manifest's
 ``transactionTime`` later than when the run started (the export was received), beyond
 ``Thresholds.future_tolerance_s`` for clock drift; events also may not lie after the export's
-``transactionTime``. One such time would otherwise move every label's censoring horizon.
+``transactionTime``. One such time would otherwise move every label's censoring horizon. For a run whose source
+profile shifts dates (de-identification: MIMIC's run 2110-2210), clinical times are judged against the data
+itself (``ops.ingest_run.data_end``), not the clock, and not against a transactionTime, which is the clock's.
 """
 
 from __future__ import annotations
@@ -46,10 +48,15 @@ class Thresholds:
     max_volume_drop: float
     future_tolerance_s: int = 300  # how far after the run's start a time may lie (clock drift)
 
-    def received_by(self, run: str = "r.") -> str:
+    def received_by(self, run: str = "r.", clinical: bool = True) -> str:
         """SQL for the latest plausible time of a run's rows: when it started, plus the tolerance. ``run``: how
-        its columns are qualified (GX aliases a batch itself unless the query joins; then name no alias)."""
-        return f"({run}started_at + interval '{int(self.future_tolerance_s)} seconds')"
+        its columns are qualified (GX aliases a batch itself unless the query joins; then name no alias).
+        ``clinical``: for clinical times of a run with shifted dates, the latest time of its own data instead."""
+        start = f"{run}started_at"
+        if clinical:
+            data_end = f"coalesce({run}data_end, {run}started_at)"
+            start = f"CASE WHEN {run}shifted_dates THEN {data_end} ELSE {run}started_at END"
+        return f"({start} + interval '{int(self.future_tolerance_s)} seconds')"
 
 
 # Clinical event tables: (table, primary key, event time columns).
@@ -195,7 +202,8 @@ def _times(table: str, key: str, columns: tuple[str, ...], thresholds: Threshold
             f"no {table} after the export's transaction time or after the run started "
             f"(+{thresholds.future_tolerance_s} s)",
             sql=f"SELECT b.{key} FROM {{batch}} b JOIN ops.ingest_run r ON r.run_id = b.run_id "
-            f"WHERE {latest} > least(r.transaction_time, {thresholds.received_by()})",
+            f"WHERE {latest} > least(CASE WHEN NOT r.shifted_dates THEN r.transaction_time END, "
+            f"{thresholds.received_by()})",
         ),
     )
 
@@ -311,7 +319,7 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     f"no meta.lastUpdated after the run started (+{thresholds.future_tolerance_s} s)",
                     sql="SELECT b.resource_type, b.resource_id FROM {batch} b "
                     "JOIN ops.ingest_run r ON r.run_id = b.run_id "
-                    f"WHERE b.last_updated > {thresholds.received_by()}",
+                    f"WHERE b.last_updated > {thresholds.received_by(clinical=False)}",
                 ),
             ),
         )
@@ -342,7 +350,8 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     "transaction_time_not_in_future",
                     "critical",
                     f"the manifest's transactionTime is not after the run started (+{thresholds.future_tolerance_s} s)",
-                    sql=f"SELECT run_id FROM {{batch}} WHERE transaction_time > {thresholds.received_by('')}",
+                    sql=f"SELECT run_id FROM {{batch}} WHERE transaction_time > "
+                    f"{thresholds.received_by('', clinical=False)}",
                 ),
                 Check(
                     "files_read_whole",

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from odyssey_batch.profiles import load_profile
 from odyssey_batch.quality.checks import Thresholds, suites
 from odyssey_batch.quality.runner import Finding, run_suites
 from odyssey_batch.settings import Settings
@@ -92,11 +93,25 @@ def _finding_dict(f: Finding) -> dict[str, Any]:
     }
 
 
-def thresholds(settings: Settings) -> Thresholds:
+def thresholds(settings: Settings, profile_systems: tuple[str, ...] = ()) -> Thresholds:
+    """The configured thresholds; ``profile_systems``: the short names the runs' source profiles map local code
+    systems to, allowed besides the configured ones."""
     systems = tuple(s.strip() for s in settings.dq_code_systems.split(",") if s.strip())
+    systems += tuple(s for s in profile_systems if s not in systems)
     return Thresholds(
         systems, settings.dq_max_quarantine_rate, settings.dq_max_volume_drop, settings.dq_future_tolerance_s
     )
+
+
+def _profile_systems(refs: list[str]) -> tuple[str, ...]:
+    """The code-system short names of these source profiles (a profile file that is gone adds none)."""
+    names: set[str] = set()
+    for ref in refs:
+        try:
+            names.update(load_profile(ref).short_names())
+        except ValueError:
+            continue
+    return tuple(sorted(names))
 
 
 def _latest_run(cur) -> int:
@@ -132,6 +147,12 @@ def validate(url: str, settings: Settings, run_id: int | None = None, *, data_do
                    WHERE c.check_id = (SELECT max(check_id) FROM ops.dq_check)"""
             )
             previous = dict(cur.fetchall())
+            cur.execute(
+                "SELECT DISTINCT source_profile FROM ops.ingest_run WHERE source_profile IS NOT NULL"
+                + ("" if whole else " AND run_id = %s"),
+                () if whole else (run_id,),
+            )
+            profile_systems = _profile_systems([r[0] for r in cur.fetchall()])
             counts = {}
             for table in GATED_TABLES:
                 cur.execute(f"SELECT count(*), count(*) FILTER (WHERE run_id = %s) FROM ehr.{table}", (run_id,))
@@ -142,7 +163,8 @@ def validate(url: str, settings: Settings, run_id: int | None = None, *, data_do
         conn.close()
 
     docs_dir = Path(tempfile.mkdtemp(prefix="odyssey-data-docs-")) if data_docs else None
-    findings = run_suites(url, suites(thresholds(settings), previous), run_id, whole_warehouse=whole, docs_dir=docs_dir)
+    checks = suites(thresholds(settings, profile_systems), previous)
+    findings = run_suites(url, checks, run_id, whole_warehouse=whole, docs_dir=docs_dir)
     success = not any(not f.success and f.severity == "critical" for f in findings)
     rows_checked = sum(v for k, v in counts.items() if not k.startswith("_"))
     seconds = time.perf_counter() - started

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from odyssey_batch.labels.points import first_diagnoses, inpatient_stays, trigger
 from odyssey_batch.labels.tasks import Registry
-from odyssey_batch.sequences.timeline import DAY, Encounter, PatientRecord, Timeline
+from odyssey_batch.sequences.timeline import DAY, PatientRecord, Timeline
 
 HOUR = 3600.0
 COHORTS = ("triggers", "active")
@@ -34,7 +34,7 @@ class Eligible:
 def record_as_of(record: PatientRecord, as_of: float) -> PatientRecord:
     """The record as the warehouse knew it at ``as_of``: nothing that happened after it."""
     encounters = [
-        Encounter(e.encounter_id, e.class_code, e.start, e.end if e.end is not None and e.end <= as_of else None)
+        e if e.end is not None and e.end <= as_of else e._replace(end=None, died_in_stay=False)  # not discharged yet
         for e in record.encounters
         if e.start is not None and e.start <= as_of
     ]
@@ -45,7 +45,8 @@ def record_as_of(record: PatientRecord, as_of: float) -> PatientRecord:
         if (e.time is not None and e.time <= as_of) or (e.time is None and e.encounter_id in kept)
     ]
     death = record.death if record.death is not None and record.death <= as_of else None
-    return PatientRecord(record.patient_id, record.birth, death, encounters, events)
+    return PatientRecord(record.patient_id, record.birth, death, encounters, events,
+                         record.death_until if death is not None else None, record.outpatient_zone)  # fmt: skip
 
 
 def eligible(

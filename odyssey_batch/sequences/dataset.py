@@ -35,9 +35,10 @@ from odyssey_batch.ingest.stage import copy_field
 from odyssey_batch.labels.points import LabelPoint, task_points
 from odyssey_batch.labels.tasks import Registry, load_registry
 from odyssey_batch.parallel import prefetch
+from odyssey_batch.profiles import SourceProfile
 from odyssey_batch.quality.gate import ensure_usable
 from odyssey_batch.sequences import grammar
-from odyssey_batch.sequences.extract import iter_records, patient_ids
+from odyssey_batch.sequences.extract import iter_records, patient_ids, warehouse_profile
 from odyssey_batch.sequences.labs import LabBins
 from odyssey_batch.sequences.splits import SPLITS, SplitRule
 from odyssey_batch.sequences.timeline import DAY, Timeline, build_timeline
@@ -98,6 +99,8 @@ class TokenizeResult:
     dropped: dict[str, int]
     labels: dict[str, dict[str, int]]
     seconds: float
+    events_by_type: dict[str, int] = field(default_factory=dict)
+    source_profile: str = "generic"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -120,13 +123,14 @@ def tokenize(
         raise LookupError("the warehouse holds no ingest run: run `odyssey-batch ingest` first")
     conn = connect(url)
     try:
-        data_end = _data_end(conn, runs)
+        profile = warehouse_profile(conn)
+        data_end = _data_end(conn, runs, profile.shifted_dates)
         with conn, conn.cursor() as cur:
             sweep(cur, "dataset", settings.stale_run_minutes)  # versions whose process died: abandoned
             cur.execute(
-                "INSERT INTO ops.dataset_version (source_runs, data_end, max_length) VALUES (%s, to_timestamp(%s), %s) "
-                "RETURNING dataset_version_id",
-                (runs, data_end, options.max_length),
+                "INSERT INTO ops.dataset_version (source_runs, data_end, max_length, source_profile) "
+                "VALUES (%s, to_timestamp(%s), %s, %s) RETURNING dataset_version_id",
+                (runs, data_end, options.max_length, profile.ref),
             )
             version = cur.fetchone()[0]
         try:
@@ -134,7 +138,8 @@ def tokenize(
             try:
                 reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
                 with heartbeat(url, settings, ("dataset", version)):
-                    result = _build(reader, conn, settings, options, registry, version, runs, data_end, progress)
+                    result = _build(reader, conn, settings, options, registry, version, runs, data_end, progress,
+                                    profile)  # fmt: skip
             finally:
                 reader.close()
         except BaseException as exc:
@@ -152,11 +157,14 @@ def tokenize(
     return result
 
 
-def _data_end(conn, runs: list[int]) -> float:
-    """The end of the data: the exports' transactionTime, else the latest time in the warehouse."""
+def _data_end(conn, runs: list[int], shifted_dates: bool = False) -> float:
+    """The end of the data: the exports' transactionTime, else the latest time in the warehouse. With shifted
+    dates (a de-identified source) the transactionTime and the clock are another calendar: the latest time the
+    data holds (recorded per run at ingest, else read from the warehouse)."""
+    column = "data_end" if shifted_dates else "transaction_time"
     with conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT extract(epoch FROM max(transaction_time))::float8 FROM ops.ingest_run WHERE run_id = ANY(%s)",
+            f"SELECT extract(epoch FROM max({column}))::float8 FROM ops.ingest_run WHERE run_id = ANY(%s)",
             (runs,),
         )
         end = cur.fetchone()[0]
@@ -206,6 +214,7 @@ def _build(
     runs: list[int],
     data_end: float,
     progress: Progress | None,
+    profile: SourceProfile,
 ) -> TokenizeResult:
     report = progress or (lambda phase, done, total: None)
     ids = patient_ids(reader)
@@ -216,7 +225,7 @@ def _build(
         single = len(ids) <= options.chunk_patients
         done = 0
         report("reading timelines", 0, len(ids))
-        for records in prefetch(iter_records(reader, ids, options.chunk_patients)):
+        for records in prefetch(iter_records(reader, ids, options.chunk_patients, profile=profile)):
             parked = []
             for record in records:
                 timeline = build_timeline(record, data_end)
@@ -246,6 +255,7 @@ def _build(
         tokens = events = visits = 0
         unknown: Counter[str] = Counter()
         event_tokens: Counter[str] = Counter()
+        by_type: Counter[int] = Counter()
         done = 0
         report("writing sequences", 0, len(ids))
         for n, parked in enumerate(chunks):
@@ -260,6 +270,7 @@ def _build(
                 events += int(is_event.sum())
                 visits += n_visits
                 event_tokens[split] += int(is_event.sum())
+                by_type.update(streams["type_ids"][is_event].tolist())
                 unknown[split] += int((streams["token_ids"][is_event] == vocab.unk_id).sum())
             _write_shard(out / "sequences" / f"part-{n:05d}.parquet", rows)
             done += len(rows)
@@ -273,6 +284,7 @@ def _build(
             "patients": {s: stats.patients[s] for s in SPLITS},
             "tokens": tokens,
             "events": events,
+            "events_by_type": {grammar.TokenType(t).name.lower(): int(n) for t, n in sorted(by_type.items())},
             "visits": visits,
             "vocab_size": len(vocab),
             "unknown_rate": unknown_rate,
@@ -285,6 +297,7 @@ def _build(
             "dataset_version": version,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "source_runs": runs,
+            "source_profile": profile.describe(),
             "data_end": _iso(data_end),
             "max_length": options.max_length,
             "time_unit": "days since 1970-01-01T00:00:00Z",
@@ -326,6 +339,8 @@ def _build(
         summary["dropped"],
         label_counts,
         0.0,
+        summary["events_by_type"],
+        profile.ref,
     )
 
 

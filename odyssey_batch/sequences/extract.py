@@ -1,16 +1,22 @@
 """Read patients' records out of the warehouse, a range of patient ids at a time (bounded memory).
 
 Patients are taken in ``patient_id`` order in chunks; each chunk is six range queries over the ``ehr`` tables'
-``patient_id`` indexes. Nothing here decides what enters a sequence: that is ``timeline.build_timeline``.
+``patient_id`` indexes. Nothing here decides what enters a sequence: that is ``timeline.build_timeline``. The
+warehouse's source profile (the one its latest ingest run recorded) says when a condition without a time
+became known, the zone of outpatient days, and how long a date-only death day lasts; every reader (tokenize,
+scoring, forecasting, ``show-patient``) thus builds the same timelines.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import psycopg2.extensions
 
+from odyssey_batch.profiles import SourceProfile, load_profile
 from odyssey_batch.sequences.grammar import TokenType
 from odyssey_batch.sequences.labs import canonical_value
 from odyssey_batch.sequences.timeline import Encounter, Event, PatientRecord, condition_known_time
@@ -27,8 +33,10 @@ def _queries(display: bool) -> dict[str, str]:
     od = ", o.display" if display else ", NULL"
     cd = ", c.display" if display else ", NULL"
     return {
-        "patient": f"SELECT patient_id, {_t('birth_date')}, {_t('death_time')} FROM ehr.patient WHERE {{where}}",
-        "encounter": f"""SELECT patient_id, encounter_id, class_code, {_t("start_time")}, {_t("end_time")}
+        "patient": f"""SELECT patient_id, {_t("birth_date")}, {_t("death_time")}, coalesce(death_date_only, false)
+                       FROM ehr.patient WHERE {{where}}""",
+        "encounter": f"""SELECT patient_id, encounter_id, class_code, {_t("start_time")}, {_t("end_time")},
+                                coalesce(admission, false), part_of, coalesce(died_in_stay, false)
                          FROM ehr.encounter WHERE {{where}}""",
         "condition": f"""SELECT patient_id, encounter_id, code_system, code, {_t("onset_time")},
                                 {_t("recorded_time")}{d}
@@ -52,6 +60,27 @@ def _queries(display: bool) -> dict[str, str]:
     }
 
 
+def warehouse_profile(conn: psycopg2.extensions.connection) -> SourceProfile:
+    """The source profile of the warehouse: the one its latest finished ingest run used (generic if none)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """SELECT source_profile FROM ops.ingest_run
+               WHERE status IN ('succeeded', 'validated', 'rejected') AND source_profile IS NOT NULL
+               ORDER BY run_id DESC LIMIT 1"""
+        )
+        row = cur.fetchone()
+    return load_profile(row[0] if row else "")
+
+
+def day_end(start: float, zone: str | None) -> float:
+    """The last instant (1 ms before the next midnight) of the calendar day that starts at ``start``."""
+    if not zone:
+        return start + 86400.0 - 0.001
+    tz = ZoneInfo(zone)
+    day = datetime.fromtimestamp(start, tz).date() + timedelta(days=1)
+    return datetime(day.year, day.month, day.day, tzinfo=tz).timestamp() - 0.001
+
+
 def patient_ids(conn: psycopg2.extensions.connection) -> list[str]:
     with conn.cursor() as cur:
         cur.execute("SELECT patient_id FROM ehr.patient ORDER BY patient_id")
@@ -59,16 +88,19 @@ def patient_ids(conn: psycopg2.extensions.connection) -> list[str]:
 
 
 def iter_records(
-    conn: psycopg2.extensions.connection, ids: list[str], chunk: int = 2000, *, display: bool = False
-) -> Iterator[list[PatientRecord]]:
+    conn: psycopg2.extensions.connection, ids: list[str], chunk: int = 2000, *, display: bool = False,
+    profile: SourceProfile | None = None,
+) -> Iterator[list[PatientRecord]]:  # fmt: skip
     """The records of ``ids`` (sorted, as ``patient_ids`` returns them), ``chunk`` patients at a time."""
+    profile = profile or warehouse_profile(conn)
     for i in range(0, len(ids), chunk):
         part = ids[i : i + chunk]
-        yield read_records(conn, "{p}patient_id BETWEEN %(lo)s AND %(hi)s", {"lo": part[0], "hi": part[-1]}, display)
+        yield read_records(conn, "{p}patient_id BETWEEN %(lo)s AND %(hi)s", {"lo": part[0], "hi": part[-1]}, display,
+                           profile)  # fmt: skip
 
 
 def read_patient(conn: psycopg2.extensions.connection, patient_id: str, *, display: bool = True) -> PatientRecord:
-    records = read_records(conn, "{p}patient_id = %(id)s", {"id": patient_id}, display)
+    records = read_records(conn, "{p}patient_id = %(id)s", {"id": patient_id}, display, warehouse_profile(conn))
     if not records:
         raise LookupError("no patient with that id in the warehouse")
     return records[0]
@@ -78,24 +110,41 @@ def read_patients(
     conn: psycopg2.extensions.connection, ids: list[str], *, display: bool = False
 ) -> list[PatientRecord]:
     """The records of the given patients (any order; unknown ids are skipped)."""
-    return read_records(conn, "{p}patient_id = ANY(%(ids)s)", {"ids": list(ids)}, display)
+    return read_records(conn, "{p}patient_id = ANY(%(ids)s)", {"ids": list(ids)}, display, warehouse_profile(conn))
 
 
-def read_records(conn: psycopg2.extensions.connection, where: str, params: dict, display: bool) -> list[PatientRecord]:
+def read_records(
+    conn: psycopg2.extensions.connection, where: str, params: dict, display: bool,
+    profile: SourceProfile | None = None,
+) -> list[PatientRecord]:  # fmt: skip
+    profile = profile or warehouse_profile(conn)
+    zone = profile.timezone or None
+    outpatient_zone = profile.zone("UTC") if profile.outside_encounters == "day" else None
+    at_end = profile.condition_time == "encounter_end"
     queries = _queries(display)
     records: dict[str, PatientRecord] = {}
     with conn.cursor() as cur:
         cur.execute(queries["patient"].format(where=where.format(p="")), params)
-        for pid, birth, death in cur.fetchall():
-            records[pid] = PatientRecord(pid, birth, death)
+        for pid, birth, death, date_only in cur.fetchall():
+            until = day_end(death, zone) if date_only and death is not None else None
+            records[pid] = PatientRecord(pid, birth, death, death_until=until, outpatient_zone=outpatient_zone)
         starts: dict[str, float | None] = {}
+        ends: dict[str, float | None] = {}
         cur.execute(queries["encounter"].format(where=where.format(p="")), params)
-        for pid, eid, klass, start, end in cur.fetchall():
-            records[pid].encounters.append(Encounter(eid, klass, start, end))
+        for pid, eid, klass, start, end, admission, part_of, died in cur.fetchall():
+            records[pid].encounters.append(Encounter(eid, klass, start, end, admission, part_of, died))
             starts[eid] = start
+            ends[eid] = end
+        for record in records.values():  # a stay discharged as a death, with no death date: it ended in death
+            if record.death is None:
+                record.death = min((e.end for e in record.encounters if e.died_in_stay and e.end is not None),
+                                   default=None)  # fmt: skip
         cur.execute(queries["condition"].format(where=where.format(p="")), params)
         for pid, eid, system, code, onset, recorded, name in cur.fetchall():
-            when = condition_known_time(onset, recorded, starts.get(eid))
+            if at_end and onset is None and recorded is None and eid is not None:
+                when = ends.get(eid) if ends.get(eid) is not None else starts.get(eid)  # billing: known at discharge
+            else:
+                when = condition_known_time(onset, recorded, starts.get(eid))
             records[pid].events.append(Event(when, TokenType.CONDITION, f"{system}:{code}", eid, display=name))
         for table, kind in (("procedure", TokenType.PROCEDURE), ("medication", TokenType.MEDICATION)):
             cur.execute(queries[table].format(where=where.format(p="")), params)

@@ -18,7 +18,14 @@ in that point's input (``tests/test_tokenize.py`` proves it on real data). Each 
   its encounter) any visit holding it, else it is dropped and counted (``outside_visit``). An event without a
   time takes its encounter's start; without either it is dropped and counted (``no_time``).
 * A condition enters at the time it became known: ``recordedDate``, else its onset; an onset years before the
-  visit that recorded it is moved to that visit's start (it was not known earlier).
+  visit that recorded it is moved to that visit's start (it was not known earlier). A condition with neither
+  takes its encounter's start, or its end where the source profile says so (MIMIC's billing diagnoses).
+* A date-only death (``death_until`` set) is a calendar day: events and encounters of that day still belong to
+  the record; ``death`` stays the day's first instant (labels compare it with discharge times).
+* With a source profile whose ``outside_encounters`` is ``day`` (``outpatient_zone`` set), events outside every
+  encounter are not dropped: those of one calendar day in that zone, between the same two visits, form one
+  outpatient visit from its first to its last event. Such a visit never straddles a real one, and no
+  prediction time falls inside it, so its end (its last event) is known when any point's input is cut.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ import bisect
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import NamedTuple
+from zoneinfo import ZoneInfo
 
 from odyssey_batch.sequences.grammar import EVENT_KINDS
 
@@ -41,6 +50,9 @@ class Encounter(NamedTuple):
     class_code: str | None
     start: float | None
     end: float | None
+    admission: bool = False  # a hospital admission, as the source profile defines it
+    part_of: str | None = None  # the admission a sub-encounter (an ICU stay) belongs to
+    died_in_stay: bool = False  # its discharge disposition means the patient died during it
 
 
 class Event(NamedTuple):
@@ -63,6 +75,8 @@ class PatientRecord:
     death: float | None
     encounters: list[Encounter] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    death_until: float | None = None  # a date-only death: the last instant of that day (else the death itself)
+    outpatient_zone: str | None = None  # events outside encounters form per-day outpatient visits in this zone
 
 
 @dataclass(slots=True)
@@ -99,8 +113,9 @@ def build_timeline(record: PatientRecord, data_end: float | None = None) -> Time
     """The patient's visits; ``data_end`` closes an encounter still open at the end of the data (default: the
     latest time in the record)."""
     death = record.death
+    cutoff = record.death_until if record.death_until is not None else death  # the record ends here
     dropped: Counter[str] = Counter()
-    encounters = [e for e in record.encounters if e.start is not None and (death is None or e.start <= death)]
+    encounters = [e for e in record.encounters if e.start is not None and (cutoff is None or e.start <= cutoff)]
     dropped["encounter_after_death"] = sum(1 for e in record.encounters if e.start is not None) - len(encounters)
     encounters.sort(key=lambda e: (e.start, e.encounter_id))
     starts = {e.encounter_id: e.start for e in encounters}
@@ -113,7 +128,7 @@ def build_timeline(record: PatientRecord, data_end: float | None = None) -> Time
                 dropped["no_time"] += 1
                 continue
             event = event._replace(time=start)
-        if death is not None and event.time > death:  # type: ignore[operator]
+        if cutoff is not None and event.time > cutoff:  # type: ignore[operator]
             dropped["after_death"] += 1
             continue
         events.append(event)
@@ -127,8 +142,8 @@ def build_timeline(record: PatientRecord, data_end: float | None = None) -> Time
             later = next((e.start for e in encounters[i + 1 :] if e.start > enc.start), None)  # type: ignore[operator]
             end = later - 1.0 if later is not None else max(data_end, enc.start)  # type: ignore[operator, type-var]
         end = max(end, enc.start)  # type: ignore[type-var]
-        if death is not None:
-            end = min(end, death)
+        if cutoff is not None:
+            end = min(end, cutoff)
         periods.append((enc.start, end, enc.encounter_id))
 
     visits: list[Visit] = []
@@ -143,17 +158,32 @@ def build_timeline(record: PatientRecord, data_end: float | None = None) -> Time
         home[eid] = visits[-1]
 
     visit_starts = [v.start for v in visits]
+    outside: list[Event] = []
     for event in events:
         visit = home.get(event.encounter_id) if event.encounter_id is not None else None
         if visit is None or not visit.start <= event.time <= visit.end:  # type: ignore[operator]
             visit = _holding(visits, visit_starts, event.time)  # type: ignore[arg-type]
         if visit is None:
-            dropped["outside_visit"] += 1
+            outside.append(event)
         else:
             visit.events.append(event)
+    if outside and record.outpatient_zone:
+        visits = sorted(visits + _day_visits(outside, visit_starts, record.outpatient_zone), key=lambda v: v.start)
+    elif outside:
+        dropped["outside_visit"] += len(outside)
     for visit in visits:
         visit.events.sort(key=lambda e: (e.time, _KIND_ORDER[e.kind], e.code, e.value if e.value == e.value else -1))
     return Timeline(record.patient_id, record.birth, death, encounters, visits, +dropped)
+
+
+def _day_visits(events: list[Event], visit_starts: list[float], zone: str) -> list[Visit]:
+    """Outpatient visits of events outside every visit: one per calendar day in ``zone`` and gap between visits."""
+    tz = ZoneInfo(zone)
+    groups: dict[tuple[object, int], list[Event]] = {}
+    for event in sorted(events, key=lambda e: e.time):  # type: ignore[arg-type, return-value]
+        key = (datetime.fromtimestamp(event.time, tz).date(), bisect.bisect_right(visit_starts, event.time))  # type: ignore[arg-type]
+        groups.setdefault(key, []).append(event)
+    return [Visit(group[0].time, group[-1].time, (), group) for group in groups.values()]  # type: ignore[arg-type]
 
 
 def _holding(visits: list[Visit], starts: list[float], time: float) -> Visit | None:
