@@ -71,6 +71,7 @@ class Exclusions:
     patients: frozenset[str] = frozenset()
     records: dict[str, frozenset[str]] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)
+    _seen: set[tuple[str, str]] = field(default_factory=set, repr=False)  # each record counted once
 
     def __bool__(self) -> bool:
         return bool(self.patients or self.records)
@@ -85,7 +86,9 @@ class Exclusions:
         """Whether a record is kept; an excluded one is counted."""
         ids = self.records.get(resource_type)
         if ids and resource_id in ids:
-            self.skipped[resource_type] += 1
+            if (resource_type, resource_id) not in self._seen:  # an observation's components share its id
+                self._seen.add((resource_type, resource_id))
+                self.skipped[resource_type] += 1
             return False
         return True
 

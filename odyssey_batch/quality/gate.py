@@ -79,7 +79,8 @@ class Verdict:
             lines.append(f"  {f.severity:8} {f.suite}: {f.expectation} ({f.description}): {what}")
         if self.exclusions or self.excluded_patients:
             lines.append(f"  excluded from everything downstream: {self.excluded_records} records, "
-                         f"{self.excluded_patients} patients whole (ops.dq_exclusion, check {self.check_id})")  # fmt: skip
+                         f"{self.excluded_patients} patients whole (ops.dq_exclusion, check "
+                         f"{self.check_id})")  # fmt: skip
         for f in self.exclusions:
             unit = "patients" if f.level == "patient" else "rows"
             lines.append(f"  excluded {f.suite}: {f.expectation} ({f.description}): {f.excluded_rows} {unit} "
