@@ -66,6 +66,13 @@ class Settings:
     # Data-quality gate: how many seconds a time (transactionTime, an event, meta.lastUpdated) may lie after the
     # moment the run started (the export was received) before it is a critical finding (clocks drift a little).
     dq_future_tolerance_s: int = 300
+    # Data-quality gate, row-level checks (an event before birth, an encounter ending before it starts, a lab value
+    # no body can have): the failing rows are excluded from everything downstream (ops.dq_exclusion), and the run is
+    # rejected only when a check's failing share of its rows passes its threshold (Great Expectations' ``mostly`` is
+    # 1 minus it). ``dq_row_failure_rates`` overrides it per check: ``check=rate`` or ``suite:check=rate``, comma
+    # separated (e.g. ``not_before_birth=0.01,ehr.encounter:end_not_before_start=0``).
+    dq_max_row_failure_rate: float = 0.001
+    dq_row_failure_rates: str = ""
     # Tokenization: the longest model input (most recent tokens, cut at a visit boundary), how often a code must
     # appear in training sequences to get its own token, lab value bins per code, patients read per chunk.
     max_length: int = 2048

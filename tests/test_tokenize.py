@@ -213,7 +213,8 @@ def test_labels_equal_the_synthetic_exports_exact_truth(pg_admin_url, template_d
 def test_tokenize_refuses_a_rejected_run_until_accepted_and_show_patient(db_url, tmp_path):
     env = {"ODYSSEY_DATABASE_URL": db_url, "ODYSSEY_HOME": str(tmp_path / "home"), "ODYSSEY_INGEST_WORKERS": "1",
            "ODYSSEY_VOCAB_MIN_COUNT": "1"}  # fmt: skip
-    settings = Settings(home=tmp_path / "home", ingest_workers=1)
+    # a zero threshold: the one planted row-level failure rejects the run (by default it would only be excluded)
+    settings = Settings(home=tmp_path / "home", ingest_workers=1, dq_max_row_failure_rate=0.0)
     run = ingest(str(shared_data("fhir/smart-bulk-10-patients-partial")), settings, url=db_url).run_id
     refused = cli("tokenize", env=env, check=False)
     assert refused.returncode == 1 and f"run {run} has not been validated" in refused.stderr

@@ -431,6 +431,12 @@ def _print_tokenize_summary(data: dict[str, Any]) -> None:
         )
     else:
         console.print("Left out of sequences: nothing.")
+    excluded = data.get("excluded") or {}
+    if excluded.get("patients") or excluded.get("records"):
+        per_type = ", ".join(f"{k} {v:,}" for k, v in excluded.items() if k not in ("patients", "records"))
+        detail = f" ({per_type})" if per_type else ""
+        console.print(f"Excluded by the data-quality gate (ops.dq_exclusion_current): {excluded['patients']:,} "
+                      f"patients, {excluded['records']:,} records{detail}.")  # fmt: skip
     rows = [[t, c["points"], c["positive"], c["negative"], c["censored"],
              f"{c['positive'] / (c['positive'] + c['negative']):.1%}" if c["positive"] + c["negative"] else "-"]
             for t, c in data["labels"].items()]  # fmt: skip
@@ -918,6 +924,9 @@ def score(
         console.print(f"[yellow]Held back:[/] {data['held_back_patients']:,} patient(s) with data from ingest run(s) "
                       f"{', '.join(map(str, data['held_back_runs']))}, rejected by the quality gate and not accepted "
                       "(or not validated yet): not scored tonight")  # fmt: skip
+    if data.get("excluded_patients"):
+        console.print(f"[yellow]Excluded:[/] {data['excluded_patients']:,} patient(s) excluded whole by the quality "
+                      "gate (ops.dq_exclusion_current): not scored")  # fmt: skip
     console.print('Query it: psql "$(odyssey-batch db url)" -c "SELECT * FROM risk.high_risk_today"')
 
 

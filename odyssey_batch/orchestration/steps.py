@@ -203,7 +203,8 @@ def commit_scoring(run_id: int) -> dict[str, Any]:
         raise PermanentError(str(exc)) from exc
     return {"run_id": run_id, "n_patients": result.n_patients, "n_scores": result.n_scores,
             "drift_flagged": result.drift_flagged, "drift_reasons": result.drift["reasons"],
-            "held_back_runs": result.held_back_runs, "held_back_patients": result.held_back_patients}  # fmt: skip
+            "held_back_runs": result.held_back_runs, "held_back_patients": result.held_back_patients,
+            "excluded_patients": result.excluded_patients}  # fmt: skip
 
 
 def fail_scoring(run_id: int, reason: str) -> bool:

@@ -6,6 +6,13 @@ or an ``UnexpectedRowsExpectation``: SQL that selects the offending rows from ``
 only**, so that stored samples never hold names, values or other identifiers. ``critical`` failures reject
 the run; ``warning`` failures are reported and stored.
 
+Granularity: a check is ``feed``-level (the default: a volume drop, a lab code switching unit across the feed,
+missing files, a schema break, a time in the future: any failure is the feed's and rejects the run) or
+row-level. A row-level check (``record`` or ``patient``) selects the offending rows with the suite's key first;
+they are excluded from everything downstream (``quality.exclusions``; ``patient``: the whole patient, where the
+record is structural), and the run is rejected only when their share of the batch passes the check's threshold
+(``Thresholds.max_failure_rate``, Great Expectations' ``mostly`` turned around).
+
 Times in the future are critical: an event, a birth or death, a ``meta.lastUpdated`` or the manifest's
 ``transactionTime`` later than when the run started (the export was received), beyond
 ``Thresholds.future_tolerance_s`` for clock drift; events also may not lie after the export's
@@ -20,6 +27,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Severity = Literal["critical", "warning"]
+Level = Literal["feed", "record", "patient"]
+
+# The FHIR resource type of each gated table's rows (what ops.dq_exclusion names).
+RESOURCE_TYPES = {
+    "ehr.patient": "Patient",
+    "ehr.encounter": "Encounter",
+    "ehr.condition": "Condition",
+    "ehr.procedure": "Procedure",
+    "ehr.medication_request": "MedicationRequest",
+    "ehr.observation": "Observation",
+}
 
 
 @dataclass(frozen=True)
@@ -30,6 +48,11 @@ class Check:
     sql: str | None = None  # UnexpectedRowsExpectation over {batch}
     expectation: str | None = None  # a built-in expectation class of great_expectations.expectations
     kwargs: dict[str, Any] = field(default_factory=dict)
+    level: Level = "feed"  # record / patient: a row-level check (sql only, the suite's key selected first)
+
+    def __post_init__(self) -> None:
+        if self.level != "feed" and not self.sql:
+            raise ValueError(f"row-level check {self.name} needs sql selecting the offending rows' keys")
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,15 @@ class Thresholds:
     max_quarantine_rate: float
     max_volume_drop: float
     future_tolerance_s: int = 300  # how far after the run's start a time may lie (clock drift)
+    max_row_failure_rate: float = 0.001  # the share of a batch a row-level check may exclude before it rejects
+    row_failure_rates: dict[str, float] = field(default_factory=dict)  # per check: "check" or "suite:check"
+
+    def max_failure_rate(self, suite: str, check: str) -> float:
+        """The largest failing share of a row-level check that excludes rows without rejecting the run."""
+        for key in (f"{suite}:{check}", check):
+            if key in self.row_failure_rates:
+                return self.row_failure_rates[key]
+        return self.max_row_failure_rate
 
     def received_by(self, run: str = "r.", clinical: bool = True) -> str:
         """SQL for the latest plausible time of a run's rows: when it started, plus the tolerance. ``run``: how
@@ -184,6 +216,7 @@ def _times(table: str, key: str, columns: tuple[str, ...], thresholds: Threshold
             f"no {table} before the patient's birth (a day of slack for zones)",
             sql=f"SELECT b.{key}, b.patient_id FROM {{batch}} b JOIN ehr.patient p USING (patient_id) "
             f"WHERE {earliest} < p.birth_date - interval '1 day'",
+            level="record",
         ),
         # A warning, not critical: real exports carry post-mortem records (Synthea writes a Death Certification
         # encounter up to two weeks after the death), and the tokenizer never puts an event after death into
@@ -217,11 +250,13 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
             key="patient_id",
             checks=(
                 *_identity("patient", "patient_id"),
+                # Structural: a patient whose life cannot be placed in time is excluded whole.
                 Check(
                     "death_not_before_birth",
                     "critical",
                     "a death time is not before the birth date",
                     sql="SELECT patient_id FROM {batch} WHERE death_time < birth_date - interval '1 day'",
+                    level="patient",
                 ),
                 Check(
                     "not_in_the_future",
@@ -250,6 +285,7 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     "critical",
                     "no encounter ends before it starts",
                     sql="SELECT encounter_id FROM {batch} WHERE end_time < start_time",
+                    level="record",
                 ),
                 # A warning: two visits of one type at the same instant look like a feed sending one twice, but real
                 # exports have such pairs with different contents (Synthea: 6 pairs in 18,098 encounters).
@@ -277,10 +313,13 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     "an observation with a unit has a numeric value",
                     sql="SELECT observation_id FROM {batch} WHERE unit IS NOT NULL AND value_num IS NULL",
                 ),
+                # A warning: the tokenizer converts what UCUM converts exactly and bins the rest per (code, unit)
+                # (``sequences.labs``). A code switching unit across the whole feed is ``lab_unit_switched``.
                 Check(
                     "one_unit_per_lab_code",
-                    "critical",
-                    "each lab code comes in one unit, or in one with a documented conversion",
+                    "warning",
+                    "each lab code comes in one unit, or in one with a documented conversion (others are converted "
+                    "where UCUM allows, else binned per unit)",
                     sql="WITH units AS (SELECT code, unit, count(*) AS n, "
                     "row_number() OVER (PARTITION BY code ORDER BY count(*) DESC, unit) AS rank "
                     "FROM ehr.observation WHERE category = 'laboratory' AND unit IS NOT NULL GROUP BY 1, 2) "
@@ -297,6 +336,35 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                     f"JOIN (VALUES {bounds}) AS l(code, unit, low, high) "
                     "ON l.code = b.code AND l.unit = b.unit "
                     "WHERE b.value_num < l.low OR b.value_num > l.high OR b.value_num = 'NaN'",
+                    level="record",
+                ),
+                Check(
+                    "lab_value_finite",
+                    "critical",
+                    "a numeric result is a finite number (not NaN or infinite)",
+                    sql="SELECT observation_id FROM {batch} "
+                    "WHERE value_num IN ('NaN'::float8, 'Infinity'::float8, '-Infinity'::float8)",
+                    level="record",
+                ),
+                # Feed-level: every result of a lab code in this run is in units that the code never came in
+                # before (a feed that changed its unit for the code), whether or not it converts.
+                Check(
+                    "lab_unit_switched",
+                    "critical",
+                    "no lab code switches to units it never came in before, across all of a run's results",
+                    sql="WITH now AS (SELECT DISTINCT x.run_id, x.code_system, x.code, x.unit FROM {batch} x "
+                    "WHERE x.category = 'laboratory' AND x.unit IS NOT NULL), "
+                    "before AS (SELECT DISTINCT o.run_id, o.code_system, o.code, o.unit FROM ehr.observation o "
+                    "WHERE o.category = 'laboratory' AND o.unit IS NOT NULL "
+                    "AND o.run_id < (SELECT max(run_id) FROM now)), "
+                    "switched AS (SELECT n.run_id, n.code_system, n.code FROM now n "
+                    "WHERE EXISTS (SELECT 1 FROM before p WHERE p.code_system = n.code_system AND p.code = n.code "
+                    "AND p.run_id < n.run_id) GROUP BY 1, 2, 3 "
+                    "HAVING NOT bool_or(EXISTS (SELECT 1 FROM before p WHERE p.code_system = n.code_system "
+                    "AND p.code = n.code AND p.unit = n.unit AND p.run_id < n.run_id))) "
+                    "SELECT b.observation_id FROM {batch} b "
+                    "JOIN switched s ON s.run_id = b.run_id AND s.code_system = b.code_system AND s.code = b.code "
+                    "WHERE b.category = 'laboratory' AND b.unit IS NOT NULL",
                 ),
             ]
         out.append(Suite(f"ehr.{table}", f"ehr.{table}", tuple(checks), key=key))
@@ -306,6 +374,7 @@ def suites(thresholds: Thresholds, previous_counts: dict[str, int] | None = None
                 f"cross_table.{table}",
                 f"ehr.{table}",
                 (*_references(table, key), *_times(table, key, columns, thresholds)),
+                key=key,
             )
         )
     out.append(

@@ -3,6 +3,9 @@
 A run with any failed ``critical`` expectation is ``rejected``; later stages call ``ensure_usable`` and refuse
 to build on it unless someone accepted it explicitly (``accept_run``: who, when, why, in
 ``ops.run_acceptance``). Warnings are stored and reported but do not stop anything.
+
+Row-level checks exclude their offending rows (``quality.exclusions``: ``ops.dq_exclusion``, shown in the
+verdict) and fail, rejecting the run, only when their failing share passes the check's threshold.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Any
 import orjson
 
 from odyssey_batch.profiles import load_profile
+from odyssey_batch.quality import exclusions
 from odyssey_batch.quality.checks import Thresholds, suites
-from odyssey_batch.quality.runner import Finding, run_suites
+from odyssey_batch.quality.runner import Finding, batch_query, run_suites
 from odyssey_batch.settings import Settings
 from odyssey_batch.storage import open_location
 from odyssey_batch.warehouse import connect
@@ -42,6 +46,16 @@ class Verdict:
     seconds: float
     data_docs: str | None = None
     table_counts: dict[str, int] = field(default_factory=dict)
+    excluded_patients: int = 0  # patients excluded whole by patient-level checks
+
+    @property
+    def exclusions(self) -> list[Finding]:
+        """Row-level checks within their threshold that excluded rows (the run is not rejected for them)."""
+        return [f for f in self.findings if f.row_level and f.success and f.excluded_rows]
+
+    @property
+    def excluded_records(self) -> int:
+        return sum(f.excluded_rows for f in self.findings if f.level == "record")
 
     @property
     def critical_failures(self) -> list[Finding]:
@@ -61,7 +75,17 @@ class Verdict:
         for f in [*self.critical_failures, *self.warnings]:
             count = f.unexpected_count if f.unexpected_count is not None else f.observed_value
             what = f"error: {f.error}" if f.error else f"{count} rows" if isinstance(count, int) else f"{count}"
+            if f.row_level and f.failure_rate is not None:
+                what += f" ({_share(f.failure_rate)} > {_share(f.max_failure_rate)} of its rows)"
             lines.append(f"  {f.severity:8} {f.suite}: {f.expectation} ({f.description}): {what}")
+        if self.exclusions or self.excluded_patients:
+            lines.append(f"  excluded from everything downstream: {self.excluded_records} records, "
+                         f"{self.excluded_patients} patients whole (ops.dq_exclusion, check "
+                         f"{self.check_id})")  # fmt: skip
+        for f in self.exclusions:
+            unit = "patients" if f.level == "patient" else "rows"
+            lines.append(f"  excluded {f.suite}: {f.expectation} ({f.description}): {f.excluded_rows} {unit} "
+                         f"({_share(f.failure_rate)} <= {_share(f.max_failure_rate)})")  # fmt: skip
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -74,6 +98,9 @@ class Verdict:
             "expectations": len(self.findings),
             "critical_failures": [_finding_dict(f) for f in self.critical_failures],
             "warnings": [_finding_dict(f) for f in self.warnings],
+            "exclusions": [_finding_dict(f) for f in self.exclusions],
+            "excluded_records": self.excluded_records,
+            "excluded_patients": self.excluded_patients,
             "rows_checked": self.rows_checked,
             "rows_per_s": round(self.rows_checked / self.seconds, 1) if self.seconds else None,
             "seconds": round(self.seconds, 2),
@@ -90,7 +117,15 @@ def _finding_dict(f: Finding) -> dict[str, Any]:
         "unexpected_count": f.unexpected_count,
         "observed_value": f.observed_value,
         "error": f.error,
+        "level": f.level,
+        "excluded_rows": f.excluded_rows,
+        "failure_rate": f.failure_rate,
+        "max_failure_rate": f.max_failure_rate,
     }
+
+
+def _share(rate: float | None) -> str:
+    return "?" if rate is None else f"{rate * 100:.4f}".rstrip("0").rstrip(".") + "%"
 
 
 def thresholds(settings: Settings, profile_systems: tuple[str, ...] = ()) -> Thresholds:
@@ -99,7 +134,12 @@ def thresholds(settings: Settings, profile_systems: tuple[str, ...] = ()) -> Thr
     systems = tuple(s.strip() for s in settings.dq_code_systems.split(",") if s.strip())
     systems += tuple(s for s in profile_systems if s not in systems)
     return Thresholds(
-        systems, settings.dq_max_quarantine_rate, settings.dq_max_volume_drop, settings.dq_future_tolerance_s
+        systems,
+        settings.dq_max_quarantine_rate,
+        settings.dq_max_volume_drop,
+        settings.dq_future_tolerance_s,
+        settings.dq_max_row_failure_rate,
+        exclusions.parse_rates(settings.dq_row_failure_rates),
     )
 
 
@@ -162,9 +202,14 @@ def validate(url: str, settings: Settings, run_id: int | None = None, *, data_do
     finally:
         conn.close()
 
+    limits = thresholds(settings, profile_systems)
     docs_dir = Path(tempfile.mkdtemp(prefix="odyssey-data-docs-")) if data_docs else None
-    checks = suites(thresholds(settings, profile_systems), previous)
-    findings = run_suites(url, checks, run_id, whole_warehouse=whole, docs_dir=docs_dir)
+    gated = suites(limits, previous)
+    findings = run_suites(url, gated, run_id, whole_warehouse=whole, docs_dir=docs_dir)
+    by_name = {(suite.name, check.name): (suite, check) for suite in gated for check in suite.checks}
+    for f in findings:
+        suite = by_name[(f.suite, f.expectation)][0]
+        exclusions.judge(f, counts.get(suite.table.removeprefix("ehr."), 0), limits)
     success = not any(not f.success and f.severity == "critical" for f in findings)
     rows_checked = sum(v for k, v in counts.items() if not k.startswith("_"))
     seconds = time.perf_counter() - started
@@ -187,11 +232,25 @@ def validate(url: str, settings: Settings, run_id: int | None = None, *, data_do
                 ),
             )
             check_id = cur.fetchone()[0]
+            for f in findings:  # every offending row of a row-level check, within its threshold or not
+                if f.row_level and f.unexpected_count and f.error is None:
+                    suite, check = by_name[(f.suite, f.expectation)]
+                    f.excluded_rows = exclusions.record(
+                        cur, check_id, run_id, suite, check, batch_query(suite, run_id, whole)
+                    )
+            cur.execute("SELECT count(DISTINCT patient_id) FROM ops.dq_exclusion WHERE check_id = %s AND level = "
+                        "'patient'", (check_id,))  # fmt: skip
+            excluded_patients = cur.fetchone()[0]
+            cur.execute(
+                "UPDATE ops.dq_check SET excluded_records = %s, excluded_patients = %s WHERE check_id = %s",
+                (sum(f.excluded_rows for f in findings if f.level == "record"), excluded_patients, check_id),
+            )
             for f in findings:
                 cur.execute(
                     """INSERT INTO ops.dq_result (check_id, run_id, suite, expectation, severity, success,
-                                                  observed_value, unexpected_count, unexpected_sample)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s::jsonb)""",
+                                                  observed_value, unexpected_count, unexpected_sample,
+                                                  excluded_rows, failure_rate, max_failure_rate)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s::jsonb, %s, %s, %s)""",
                     (
                         check_id,
                         run_id,
@@ -202,6 +261,9 @@ def validate(url: str, settings: Settings, run_id: int | None = None, *, data_do
                         _json(f.error if f.error else f.observed_value),
                         f.unexpected_count,
                         _json(f.sample),
+                        f.excluded_rows,
+                        f.failure_rate,
+                        f.max_failure_rate,
                     ),
                 )
             for table in GATED_TABLES:
@@ -234,6 +296,7 @@ def validate(url: str, settings: Settings, run_id: int | None = None, *, data_do
         seconds,
         docs_uri,
         {k: v for k, v in counts.items() if not k.startswith("_")},
+        excluded_patients,
     )
 
 

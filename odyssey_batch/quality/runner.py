@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,29 @@ class Finding:
     unexpected_count: int | None
     sample: list[Any]
     error: str | None = None
+    level: str = "feed"  # feed, record or patient (checks.Check.level)
+    failure_rate: float | None = None  # row-level: the failing share of the batch
+    max_failure_rate: float | None = None  # row-level: the share above which the run is rejected
+    excluded_rows: int = 0  # row-level: rows recorded in ops.dq_exclusion
+
+    @property
+    def row_level(self) -> bool:
+        return self.level != "feed"
 
 
 def batch_query(suite: Suite, run_id: int, whole_warehouse: bool) -> str:
     restrict = suite.scoping == "run" or (suite.scoping == "run_or_all" and not whole_warehouse)
     return f"SELECT * FROM {suite.table}" + (f" WHERE run_id = {int(run_id)}" if restrict else "")
+
+
+_ALIASED = re.compile(r"\{batch\}\s+(?!(?:WHERE|GROUP|ORDER|LIMIT|UNION)\b)[A-Za-z_]\w*")
+
+
+def rows_query(check_sql: str, batch: str) -> str:
+    """A check's SQL over the batch query, as Great Expectations runs it: ``{batch} b`` becomes ``(batch) b``, and
+    a ``{batch}`` without an alias ``(batch) AS subselect`` (so that what the gate records is what GX counted)."""
+    wrapped = f"({batch})" if _ALIASED.search(check_sql) else f"({batch}) AS subselect"
+    return check_sql.replace("{batch}", wrapped)
 
 
 def _gx():
@@ -73,6 +92,7 @@ def _finding(suite: Suite, result: Any) -> Finding:
         unexpected_count=count,
         sample=sample[:SAMPLE_SIZE],
         error=error,
+        level=meta.get("level", "feed"),
     )
 
 
@@ -102,7 +122,7 @@ def run_suites(url: str, suites: list[Suite], run_id: int, *, whole_warehouse: b
                 continue
             gx_suite = context.suites.add(gx.ExpectationSuite(name=f"{suite.name}:{rows_kind}"))
             for check in checks:
-                meta = {"name": check.name, "severity": check.severity, "kind": rows_kind}
+                meta = {"name": check.name, "severity": check.severity, "kind": rows_kind, "level": check.level}
                 if check.sql:
                     expectation = gx.expectations.UnexpectedRowsExpectation(
                         unexpected_rows_query=check.sql, description=check.description, meta=meta

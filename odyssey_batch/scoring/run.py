@@ -17,7 +17,9 @@ While a process works on a run or partition it keeps their heartbeat fresh (``wa
 
 The quality gate: patients with any resource from an ingest run no stage may use (rejected and not accepted, or
 not validated yet: ``quality.gate.run_uses``) are held back from the run; ``held_back_runs`` and
-``held_back_patients`` (a count, never ids) say what was held back.
+``held_back_patients`` (a count, never ids) say what was held back. Patients the gate excluded whole
+(``quality.exclusions``) are not scored either (``excluded_patients``, a count), and the records it excluded are
+left out of every input.
 
 Inputs are rebuilt from the warehouse as of the scoring time with the model's own vocabulary and lab bins
 (``cohorts.record_as_of``, the same timeline and token rules as training). Logs carry counts, never patient
@@ -41,6 +43,7 @@ from scipy.special import expit
 
 from odyssey_batch.labels.tasks import load_registry
 from odyssey_batch.model import default_device
+from odyssey_batch.quality.exclusions import current as current_exclusions
 from odyssey_batch.quality.gate import patients_of_runs, unusable_runs
 from odyssey_batch.registry import versions
 from odyssey_batch.registry.bundle import LoadedModel, load_model
@@ -90,6 +93,7 @@ class ScoringRun:
     seconds: float = 0.0
     held_back_runs: list[int] = field(default_factory=list)  # unusable ingest runs whose patients were held back
     held_back_patients: int = 0  # patients of the cohort not scored because an unusable run touched them
+    excluded_patients: int = 0  # patients of the cohort not scored because the quality gate excluded them
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,6 +216,7 @@ class _Scored:
     explanations: list[tuple] = field(default_factory=list)
     held_back_runs: list[int] = field(default_factory=list)
     held_back_patients: int = 0
+    excluded_patients: int = 0
     patients: int = 0
     event_tokens: int = 0
     unknown_tokens: int = 0
@@ -271,10 +276,10 @@ def _write_partition(conn, run_id: int, partition: int, scored: _Scored) -> None
         cur.execute(
             """UPDATE risk.scoring_partition SET status = 'succeeded', finished_at = now(), n_patients = %s,
                       n_scores = %s, event_tokens = %s, unknown_tokens = %s, held_back_runs = %s,
-                      held_back_patients = %s
+                      held_back_patients = %s, excluded_patients = %s
                WHERE run_id = %s AND partition = %s AND status = 'running'""",
             (scored.patients, len(scored.rows), scored.event_tokens, scored.unknown_tokens, scored.held_back_runs,
-             scored.held_back_patients, run_id, partition),
+             scored.held_back_patients, scored.excluded_patients, run_id, partition),
         )  # fmt: skip
         if cur.rowcount != 1:
             raise RunNotRunning(f"scoring run {run_id} partition {partition} is no longer running (swept or failed "
@@ -316,15 +321,18 @@ def _score(conn, settings: Settings, loaded: LoadedModel, run: dict, partition: 
         with conn.cursor() as cur:  # the quality gate: patients touched by an unusable ingest run are held back
             scored.held_back_runs = unusable_runs(cur)
             held = patients_of_runs(cur, scored.held_back_runs)
+            excluded = current_exclusions(cur)  # and what the gate excluded is left out
         scored.held_back_patients = sum(1 for p in ids if p in held)
-        ids = [p for p in ids if p not in held]
+        ids = excluded.keep_patients([p for p in ids if p not in held])
+        scored.excluded_patients = excluded.skipped["patients"]
         done = 0
         report("scoring", 0, len(ids))
         for start in range(0, len(ids), options.chunk_patients):
             chunk = ids[start : start + options.chunk_patients]
             requests: list[Request] = []
             owners: list[tuple[str, Any, np.ndarray, int]] = []  # patient, sequence, its token ids, cut
-            for record in read_patients(conn, chunk, display=explain_from is not None):
+            for record in read_patients(conn, chunk, display=explain_from is not None, exclusions=excluded,
+                                        units=loaded.bins.units):  # fmt: skip
                 timeline = build_timeline(record_as_of(record, as_of_s), as_of_s)
                 points = eligible(timeline, registry, loaded.tasks, as_of_s, cohort=run["cohort"],
                                   active_days=run["active_days"] or 0.0)  # fmt: skip
@@ -396,7 +404,7 @@ def commit_run(url: str, settings: Settings, run_id: int) -> ScoringRun:
         run = _run_row(cur, run_id, "FOR UPDATE")
         _ensure_running(run, "committing it")
         cur.execute("""SELECT partition, n_patients, n_scores, event_tokens, unknown_tokens, held_back_runs,
-                              held_back_patients
+                              held_back_patients, excluded_patients
                        FROM risk.scoring_partition WHERE run_id = %s AND status = 'succeeded'""",
                     (run_id,))  # fmt: skip
         done = {row[0]: row[1:] for row in cur.fetchall()}
@@ -409,6 +417,7 @@ def commit_run(url: str, settings: Settings, run_id: int) -> ScoringRun:
         unknown_rate = sum(r[3] for r in done.values()) / events if events else 0.0
         held_back_runs = sorted({held for r in done.values() for held in r[4]})
         held_back_patients = sum(r[5] for r in done.values())
+        excluded_patients = sum(r[6] for r in done.values())
         drift = _drift(cur, settings, run_id, run["as_of"], unknown_rate)
         cur.execute("""DELETE FROM risk.scoring_run WHERE as_of = %s AND run_id <> %s AND status <> 'running'""",
                     (run["as_of"], run_id))  # fmt: skip
@@ -418,10 +427,10 @@ def commit_run(url: str, settings: Settings, run_id: int) -> ScoringRun:
         cur.execute(
             """UPDATE risk.scoring_run SET status = 'succeeded', finished_at = now(), n_patients = %s, n_scores = %s,
                       patients_per_s = %s, unknown_rate = %s, drift_flagged = %s, drift = %s, held_back_runs = %s,
-                      held_back_patients = %s, heartbeat_at = now()
+                      held_back_patients = %s, excluded_patients = %s, heartbeat_at = now()
                WHERE run_id = %s AND status = 'running'""",
             (n_patients, n_scores, rate, unknown_rate, drift["flagged"], Json(drift), held_back_runs,
-             held_back_patients, run_id),
+             held_back_patients, excluded_patients, run_id),
         )  # fmt: skip
         cur.execute("SELECT task, risk_band, count(*) FROM risk.score WHERE run_id = %s GROUP BY 1, 2", (run_id,))
         by_task: dict[str, dict[str, int]] = defaultdict(dict)
@@ -435,7 +444,8 @@ def commit_run(url: str, settings: Settings, run_id: int) -> ScoringRun:
                     ", ".join(map(str, held_back_runs)))  # fmt: skip
     return ScoringRun(run_id, run["as_of"].isoformat(), run["model_version"], run["dataset_version"], "succeeded",
                       n_patients, n_scores, round(rate, 2), round(unknown_rate, 6), drift["flagged"], drift,
-                      dict(sorted(by_task.items())), round(seconds, 2), held_back_runs, held_back_patients)  # fmt: skip
+                      dict(sorted(by_task.items())), round(seconds, 2), held_back_runs, held_back_patients,
+                      excluded_patients)  # fmt: skip
 
 
 def psi(expected: np.ndarray, actual: np.ndarray, eps: float = 1e-4) -> float:

@@ -11,6 +11,11 @@ The dataset (``datasets/v<id>/``: ``manifest.json``, ``sequences/part-NNNNN.parq
 to the object store; ``ops.dataset_version`` records it, and ``ehr.task_label`` is replaced by its labels in
 the same transaction that marks the version ready. A failure marks the version failed and leaves the previous
 labels in place.
+
+What the data-quality gate excluded (``ops.dq_exclusion_current``) is left out: excluded patients get no sequence
+and no label, excluded records no token; the counts are in the summary (``excluded``) and in
+``ops.dataset_version.excluded_patients`` / ``excluded_records``. Each lab code's main unit is fitted on the
+warehouse first (``labs.LabUnits``) and kept with the bins.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ from odyssey_batch.labels.points import LabelPoint, task_points
 from odyssey_batch.labels.tasks import Registry, load_registry
 from odyssey_batch.parallel import prefetch
 from odyssey_batch.profiles import SourceProfile
+from odyssey_batch.quality.exclusions import current as current_exclusions
 from odyssey_batch.quality.gate import ensure_usable
 from odyssey_batch.sequences import grammar
-from odyssey_batch.sequences.extract import iter_records, patient_ids, warehouse_profile
-from odyssey_batch.sequences.labs import LabBins
+from odyssey_batch.sequences.extract import iter_records, lab_unit_counts, patient_ids, warehouse_profile
+from odyssey_batch.sequences.labs import LabBins, LabUnits
 from odyssey_batch.sequences.splits import SPLITS, SplitRule
 from odyssey_batch.sequences.timeline import DAY, Timeline, build_timeline
 from odyssey_batch.sequences.tokens import (
@@ -101,6 +107,7 @@ class TokenizeResult:
     seconds: float
     events_by_type: dict[str, int] = field(default_factory=dict)
     source_profile: str = "generic"
+    excluded: dict[str, int] = field(default_factory=dict)  # left out by the gate: patients, records (per type)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -217,7 +224,10 @@ def _build(
     profile: SourceProfile,
 ) -> TokenizeResult:
     report = progress or (lambda phase, done, total: None)
-    ids = patient_ids(reader)
+    with reader.cursor() as cur:
+        excluded = current_exclusions(cur)
+    ids = patient_ids(reader, excluded)
+    units = LabUnits.fit(lab_unit_counts(reader))
     stats = _Pass1()
     with tempfile.TemporaryDirectory(prefix="odyssey-tokenize-") as scratch_dir:
         scratch = Path(scratch_dir)
@@ -225,7 +235,8 @@ def _build(
         single = len(ids) <= options.chunk_patients
         done = 0
         report("reading timelines", 0, len(ids))
-        for records in prefetch(iter_records(reader, ids, options.chunk_patients, profile=profile)):
+        for records in prefetch(iter_records(reader, ids, options.chunk_patients, profile=profile,
+                                             exclusions=excluded, units=units)):  # fmt: skip
             parked = []
             for record in records:
                 timeline = build_timeline(record, data_end)
@@ -244,7 +255,7 @@ def _build(
             report("reading timelines", done, len(ids))
         reader.rollback()
 
-        bins = LabBins.fit(stats.lab_values, options.lab_bins)
+        bins = LabBins.fit(stats.lab_values, options.lab_bins, units)
         stats.lab_values.clear()
         vocab = Vocabulary.build(
             stats.counts, {c: bins.bins_of(c) for c in bins.edges}, registry.names, options.min_count
@@ -289,6 +300,7 @@ def _build(
             "vocab_size": len(vocab),
             "unknown_rate": unknown_rate,
             "dropped": dict(sorted(stats.dropped.items())),
+            "excluded": excluded.summary(),
             "labels": label_counts,
         }
         manifest = {
@@ -341,6 +353,7 @@ def _build(
         0.0,
         summary["events_by_type"],
         profile.ref,
+        summary["excluded"],
     )
 
 
@@ -438,10 +451,11 @@ def _commit(
         )
         cur.execute(
             """UPDATE ops.dataset_version SET status = 'ready', finished_at = now(), location = %s, patients = %s,
-                      tokens = %s, vocab_size = %s, summary = %s::jsonb
+                      tokens = %s, vocab_size = %s, summary = %s::jsonb, excluded_patients = %s, excluded_records = %s
                WHERE dataset_version_id = %s AND status = 'building'""",
-            (location, sum(summary["patients"].values()), summary["tokens"], vocab_size, json.dumps(summary), version),
-        )
+            (location, sum(summary["patients"].values()), summary["tokens"], vocab_size, json.dumps(summary),
+             summary["excluded"]["patients"], summary["excluded"]["records"], version),
+        )  # fmt: skip
         if cur.rowcount != 1:  # swept meanwhile: the labels above roll back with this transaction
             raise RuntimeError(f"dataset version {version} is no longer building (abandoned): not marked ready")
     with conn, conn.cursor() as cur:

@@ -31,6 +31,11 @@ class Dataset:
     def bins(self) -> LabBins:
         return LabBins.from_dict(self.manifest["lab_bins"])
 
+    @property
+    def excluded(self) -> dict[str, int]:
+        """What the data-quality gate left out of this dataset (patients, records), as tokenize counted it."""
+        return dict(self.manifest["counts"].get("excluded", {}))
+
     def _read(self, name: str) -> pa.Table:
         location = open_location(self.settings.object_store_location, self.settings)
         with location.open(f"datasets/v{self.version}/{name}") as fh:

@@ -32,7 +32,7 @@ def patient_sequence(url: str, dataset: Dataset, patient_id: str) -> tuple[Timel
     ``dataset``'s data end and lab bins, each token keeping the event behind it (display text included)."""
     conn = connect(url)
     try:
-        record = read_patient(conn, patient_id, display=True)
+        record = read_patient(conn, patient_id, display=True, units=dataset.bins.units)
     finally:
         conn.close()
     data_end = dt.datetime.fromisoformat(dataset.manifest["data_end"]).timestamp()

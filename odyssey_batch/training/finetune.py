@@ -109,6 +109,7 @@ class FinetuneResult:
     placement: str = "append"
     checkpoint: str = ""  # the best checkpoint's prefix in the object store
     finished: bool = True
+    excluded: dict[str, int] = field(default_factory=dict)  # what the quality gate left out of its dataset
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -393,7 +394,7 @@ def finetune(
                 return FinetuneResult(run_id, pretrained, epoch, best["epoch"], step, round(best["val_loss"], 5),
                                       best["auroc"], points, rate, best["artifact"], backend, str(device),
                                       round(time.perf_counter() - started, 2), options.placement, best["prefix"],
-                                      finished=False)  # fmt: skip
+                                      finished=False, excluded=dataset.excluded)  # fmt: skip
         if best_state is None:  # resumed after the best epoch: its weights are in its checkpoint
             best_state = load_checkpoint(settings, best["prefix"], trainer=False)[0].state_dict()
         model.load_state_dict(best_state)
@@ -413,4 +414,4 @@ def finetune(
     finish_run(url, run_id, step, tokens, rate, best["val_loss"], best["val_loss"], best["artifact"])
     return FinetuneResult(run_id, pretrained, epoch, best["epoch"], step, round(best["val_loss"], 5), best["auroc"],
                           points, rate, best["artifact"], backend, str(device), round(seconds, 2),
-                          options.placement, best["prefix"])  # fmt: skip
+                          options.placement, best["prefix"], excluded=dataset.excluded)  # fmt: skip

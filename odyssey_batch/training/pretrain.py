@@ -67,6 +67,7 @@ class PretrainResult:
     parameters: int
     seconds: float
     finished: bool = True
+    excluded: dict[str, int] = field(default_factory=dict)  # what the quality gate left out of its dataset
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -216,7 +217,8 @@ def pretrain(
             if stop_after is not None and step >= stop_after and step < total:
                 return PretrainResult(run_id, step, tokens, rate, sum(recent) / len(recent), None, artifact,
                                       backend, str(device), model.num_parameters(),
-                                      time.perf_counter() - started, finished=False)  # fmt: skip
+                                      time.perf_counter() - started, finished=False,
+                                      excluded=dataset.excluded)  # fmt: skip
         val_loss = evaluate(model, validation, options, device) if rank == 0 else None
     except BaseException as exc:
         if rank == 0:
@@ -233,7 +235,7 @@ def pretrain(
     if rank == 0:
         finish_run(url, run_id, step, tokens, rate, train_loss, val_loss, artifact)
     return PretrainResult(run_id, step, tokens, rate, train_loss, val_loss, artifact, backend, str(device),
-                          model.num_parameters(), seconds)  # fmt: skip
+                          model.num_parameters(), seconds, excluded=dataset.excluded)  # fmt: skip
 
 
 @torch.no_grad()
