@@ -53,11 +53,15 @@ def parse_line(line: bytes) -> tuple[list[tuple[str, str]], list[str]]:
     return found, problems
 
 
-def read_deletions(location: Location, names: list[str], max_line_bytes: int) -> tuple[list[tuple[str, str]],
-                                                                                     list[tuple[str, int, str]]]:  # fmt: skip
+Problem = tuple[str, int, str]  # (file, line, what is wrong)
+
+
+def read_deletions(
+    location: Location, names: list[str], max_line_bytes: int
+) -> tuple[list[tuple[str, str]], list[Problem]]:
     """Every (type, id) the deleted[] files name, and ``(file, line, problem)`` for what could not be read."""
     found: dict[tuple[str, str], None] = {}
-    problems: list[tuple[str, int, str]] = []
+    problems: list[Problem] = []
     for name in names:
         with location.open(name) as raw:
             stream = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw

@@ -303,7 +303,7 @@ def ingest(
     started = time.perf_counter()
     location = open_location(source, settings)
     plan = plan_export(location, settings.max_resource_bytes)
-    if not plan.files and not plan.missing and not plan.deleted:
+    if not plan.files and not plan.missing and not plan.deleted and plan.manifest is None:
         refused = ""
         if plan.refused:
             first = plan.refused[0]
