@@ -170,6 +170,7 @@ class SmartBackendAuth:
         self._sleep = sleep
         self._token: str | None = None
         self._expires = 0.0
+        self._margin = refresh_margin
         self._lock = threading.Lock()
         self.tokens_issued = 0
 
@@ -201,7 +202,9 @@ class SmartBackendAuth:
                         raise AuthError("the token endpoint answered 200 without an access_token")
                     redaction.remember_secrets(token)
                     self._token = token
-                    self._expires = time.monotonic() + float(body.get("expires_in") or 300)
+                    lifetime = float(body.get("expires_in") or 300)
+                    self._expires = time.monotonic() + lifetime
+                    self._margin = min(self.refresh_margin, lifetime / 5)  # short tokens: refresh at 80%
                     self.tokens_issued += 1
                     return
                 if response.status_code != 429 and response.status_code < 500:
@@ -214,7 +217,7 @@ class SmartBackendAuth:
 
     def headers(self) -> dict[str, str]:
         with self._lock:
-            if self._token is None or time.monotonic() >= self._expires - self.refresh_margin:
+            if self._token is None or time.monotonic() >= self._expires - self._margin:
                 self._fetch()
             return {"Authorization": f"Bearer {self._token}"}
 
