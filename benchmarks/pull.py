@@ -63,6 +63,7 @@ def _serve(folder: Path) -> tuple[subprocess.Popen, str]:
     settings = {"base_url": base, "data_dir": str(folder / "data"), "log_inbound": False,
                 "simulator": {"enabled": False, "delay_seconds": 0.5}, "validation": {"inbound": "off"},
                 "server_auth": {"types": ["none"]}}  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.yaml").write_text(json.dumps(settings))
     env = {**os.environ, "SEKMET_BASE_URL": base, "SEKMET_CONFIG": str(folder / "settings.yaml")}
     binary = Path(sys.executable).parent / "sekmet"
