@@ -79,8 +79,16 @@ def dsn_password(dsn: str) -> str | None:
 
 
 def remember_settings_secrets(settings) -> None:  # settings: odyssey_batch.settings.Settings (no import cycle)
-    """Remember the warehouse password and the S3 secret key of ``settings``."""
-    remember_secrets(dsn_password(settings.database_url) if settings.database_url else None, settings.s3_secret_key)
+    """Remember the warehouse password, the S3 secret key and the pull's bearer token and private key of
+    ``settings``."""
+    remember_secrets(
+        dsn_password(settings.database_url) if settings.database_url else None,
+        settings.s3_secret_key,
+        getattr(settings, "pull_bearer_token", None),
+    )
+    key = getattr(settings, "pull_private_key", "") or ""
+    if key.lstrip().startswith(("-----BEGIN", "{")):  # key material (a path to a key file is not a secret)
+        remember_secrets(key.strip())
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

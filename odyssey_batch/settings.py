@@ -40,6 +40,22 @@ class Settings:
     s3_secret_key: str = ""
     s3_region: str = ""
     s3_secure: bool = True
+    # Pull from a FHIR server's Bulk Data $export (``odyssey-batch pull``): where exports land (a folder or
+    # s3://bucket/prefix), how to authenticate (``smart``, ``bearer``, ``none``; empty: smart when a client id is
+    # set, bearer when a token is, else none), the SMART Backend Services client (its private key as PEM text, a
+    # JWK set, or a path to a file holding either; the key id; the scopes; the token endpoint, empty: from the
+    # server's .well-known/smart-configuration), a static bearer token, the longest single wait between polls or
+    # retries (caps Retry-After), and parallel downloads.
+    pull_landing: str = ""
+    pull_auth: str = ""
+    pull_client_id: str = ""
+    pull_private_key: str = ""
+    pull_key_id: str = ""
+    pull_scope: str = "system/*.rs"
+    pull_token_url: str = ""
+    pull_bearer_token: str = ""
+    pull_max_wait_s: float = 300.0
+    pull_download_workers: int = 4
     # Timezone applied to FHIR dates that carry no zone (partial dates such as ``2020-05``).
     default_timezone: str = "UTC"
     # The source profile of the FHIR feed (``odyssey_batch/profiles``): a built-in name (``generic``, ``mimic-iv``)

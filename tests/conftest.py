@@ -112,6 +112,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
             yield server
 
 
+@pytest.fixture(scope="session")
+def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A real FHIR server with Bulk Data $export and SMART Backend Services (sekmet-fhir on loopback,
+    ``tests/fhir_server.py``) loaded with 12 Synthea patients, started once for the test session."""
+    from tests.fhir_server import sekmet
+
+    with sekmet(tmp_path_factory.mktemp("fhir-server"), SHARED_DATA, patients=12) as server:
+        yield server
+
+
 @pytest.fixture
 def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated warehouse database for one test."""

@@ -20,7 +20,7 @@ from odyssey_batch.synth import generate
 from tests.conftest import REPO, fresh_database, run_sql, shared_data
 from tests.test_roles import pipeline_login
 
-DAGS = ["fhir_ingest", "data_quality", "build_sequences", "retrain", "nightly_scoring"]
+DAGS = ["fhir_export", "fhir_ingest", "data_quality", "build_sequences", "retrain", "nightly_scoring"]
 RUNNER = str(REPO / "tests" / "dag_runner.py")
 
 
@@ -51,6 +51,10 @@ def test_dags_import_fast_with_the_intended_structure(airflow_env):
     assert dags["build_sequences"]["schedule"] == ["odyssey_validated"]
     assert dags["build_sequences"]["tasks"]["tokenize"]["outlets"] == ["odyssey_dataset"]
     assert dags["fhir_ingest"]["tasks"]["load"]["upstream"] == ["find_exports"]
+    # the nightly pull: pull -> load, which publishes the same asset as fhir_ingest
+    assert dags["fhir_export"]["schedule"] == "0 1 * * *"
+    assert dags["fhir_export"]["tasks"]["load"]["upstream"] == ["pull"]
+    assert dags["fhir_export"]["tasks"]["load"]["outlets"] == ["odyssey_ingested"]
     # schedules: weekly retraining with its params, nightly scoring at 02:00
     assert dags["retrain"]["schedule"] == "@weekly"
     assert {"mode", "preset", "finetune_epochs", "seeds"} <= set(dags["retrain"]["params"])

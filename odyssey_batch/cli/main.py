@@ -1188,6 +1188,10 @@ from odyssey_batch.cli.forecast import register as register_forecast  # noqa: E4
 
 register_forecast(app)
 
+from odyssey_batch.cli.pull import register as register_pull  # noqa: E402
+
+register_pull(app)
+
 
 def main() -> None:
     """The entry point: logs and warnings redacted from the start, and an unexpected error reported in one

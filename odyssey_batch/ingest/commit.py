@@ -37,6 +37,7 @@ import psycopg2.extensions
 from psycopg2.extras import execute_values
 
 from odyssey_batch.ingest import codes
+from odyssey_batch.ingest.deletions import apply_deletions
 from odyssey_batch.ingest.normalize import EHR_TABLES, EXCLUSION_REASONS, NOT_MODELLED
 from odyssey_batch.ingest.references import resolve
 from odyssey_batch.profiles import SourceProfile, load_profile
@@ -398,10 +399,12 @@ def _record_accounting(cur: psycopg2.extensions.cursor, run_id: int, by_type: di
         )
 
 
-def commit_run(conn: psycopg2.extensions.connection, run_id: int, *, keep_text_codes: bool = True) -> dict[str, Any]:
+def commit_run(conn: psycopg2.extensions.connection, run_id: int, *, keep_text_codes: bool = True,
+               deletions: list[tuple[str, str]] | None = None) -> dict[str, Any]:  # fmt: skip
     """Merge the staged run into the warehouse and return its reconciled counts. One transaction, serialized
     with every other merge. ``keep_text_codes``: whether a Medication whose code is free text only gives its
-    MedicationRequests a ``TEXT`` code (as staging did for the codes inside the resources)."""
+    MedicationRequests a ``TEXT`` code (as staging did for the codes inside the resources). ``deletions``: the
+    (type, id) pairs of the export's ``deleted[]`` files, applied first (``deletions.apply_deletions``)."""
     run = {"run": run_id}
     with conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (MERGE_LOCK,))
@@ -413,6 +416,7 @@ def commit_run(conn: psycopg2.extensions.connection, run_id: int, *, keep_text_c
             raise RunStateError(f"ingest run {run_id} is {row[0]}, not running; start a new run")
         profile = load_profile(row[1] or "")
 
+        deleted = apply_deletions(cur, run_id, deletions or [])
         cur.execute(_ORPHANS, run)
 
         cur.execute(_DUPLICATES, run)
@@ -509,6 +513,7 @@ def commit_run(conn: psycopg2.extensions.connection, run_id: int, *, keep_text_c
             "by_type": by_type,
             "rows_written": written,
             "unresolved_encounter_refs": unresolved_encounters,
+            **deleted,
         }
         _record_accounting(cur, run_id, by_type)
         if profile.shifted_dates:

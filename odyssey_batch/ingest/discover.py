@@ -5,8 +5,10 @@ Recognized:
   each optionally ``.gz``. The resource type in the name (when it is a FHIR type) must match every line.
 - JSON documents: ``*.json`` / ``*.json.gz`` holding a Bundle (collection, transaction, batch, searchset,
   document...) or a single resource.
-- The Bulk Data ``manifest.json``: ``transactionTime``, ``output[].count`` (checked against what is read) and
-  ``error[]`` files (their OperationOutcomes are quarantined as export errors).
+- The Bulk Data ``manifest.json``: ``transactionTime``, ``output[].count`` (checked against what is read),
+  ``error[]`` files (their OperationOutcomes are quarantined as export errors) and ``deleted[]`` files (Bundles of
+  ``DELETE`` requests: the resources are deleted from the warehouse, see ``deletions.py``).
+- A folder still being written by ``odyssey-batch pull`` (it holds ``.odyssey-incomplete``) is refused.
 - A bulk client's ``log.ndjson`` and any other file are listed as ignored, never loaded; so is a subfolder with
   a ``manifest.json`` of its own (another export, such as late-arriving files: ingest it on its own).
 - Entries the location refuses to read (links, special files, names that are not UTF-8, unsafe S3 keys) are
@@ -32,6 +34,7 @@ from urllib.parse import unquote, urlparse
 import orjson
 
 from odyssey_batch.ingest.validate import model_class
+from odyssey_batch.pull.landing import INCOMPLETE_MARKER
 from odyssey_batch.storage import Location
 from odyssey_batch.storage.location import RefusedEntry
 
@@ -65,6 +68,7 @@ class ExportPlan:
     manifest: str | None = None
     ignored: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # listed in the manifest, not found
+    deleted: list[ExportFile] = field(default_factory=list)  # the manifest's deleted[] files
     refused: list[RefusedEntry] = field(default_factory=list)  # entries the location will not read
 
 
@@ -161,6 +165,9 @@ def _read_manifest(location: Location, name: str, max_bytes: int) -> dict:
 def plan_export(location: Location, max_manifest_bytes: int = 64 << 20) -> ExportPlan:
     listing = location.listing()
     files = listing.files
+    if any(f.name == INCOMPLETE_MARKER for f in files):
+        raise ManifestError(f"{location.uri} is still being written by odyssey-batch pull ({INCOMPLETE_MARKER} "
+                            "is there): it is loaded once the pull commits it")  # fmt: skip
     for entry in listing.refused:
         if entry.name.lower() in MANIFEST_NAMES:
             raise ManifestError(f"{entry.name} is refused ({entry.reason}): {entry.message}")
@@ -175,27 +182,32 @@ def plan_export(location: Location, max_manifest_bytes: int = 64 << 20) -> Expor
 
     declared: dict[str, tuple[str | None, int | None]] = {}
     error_files: set[str] = set()
+    deleted_files: set[str] = set()
     if manifest_file is not None:
         manifest = _read_manifest(location, manifest_file.name, max_manifest_bytes)
         plan.manifest = manifest_file.name
         plan.transaction_time = check_transaction_time(manifest.get("transactionTime"), manifest_file.name)
         listed: set[str] = set()
-        for key in ("output", "error"):
+        for key in ("output", "error", "deleted"):
             for base, resource_type, count in _manifest_entries(manifest, key, manifest_file.name):
                 if base in listed:
                     raise ManifestError(f"{manifest_file.name}: {base} is listed twice")
                 listed.add(base)
                 if key == "output":
                     declared[base] = (resource_type, count)
+                elif key == "deleted":
+                    deleted_files.add(base)
                 else:
                     error_files.add(base)
-        plan.missing = sorted(b for b in [*declared, *error_files] if b and b not in by_base)
+        plan.missing = sorted(b for b in [*declared, *error_files, *deleted_files] if b and b not in by_base)
 
     for f in files:
         base = posixpath.basename(f.name)
         lower = base.lower()
         if f is manifest_file or lower in LOG_NAMES:
             plan.ignored.append(f.name)
+        elif base in deleted_files:
+            plan.deleted.append(ExportFile(f.name, f.size, "deleted", "Bundle"))
         elif base in error_files:
             plan.files.append(ExportFile(f.name, f.size, "export-error", "OperationOutcome"))
         elif _NDJSON.search(base):

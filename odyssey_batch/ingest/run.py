@@ -27,6 +27,7 @@ import psycopg2.extensions
 from psycopg2.extras import execute_values
 
 from odyssey_batch.ingest.commit import commit_run, purge_staging, refresh_statistics
+from odyssey_batch.ingest.deletions import read_deletions
 from odyssey_batch.ingest.discover import ExportFile, ExportPlan, plan_export
 from odyssey_batch.ingest.profile_choice import choose_profile
 from odyssey_batch.ingest.reader import ReadProblem, iter_line_chunks, read_document
@@ -302,6 +303,21 @@ def _manifest_mismatches(stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _deletions(conn: psycopg2.extensions.connection, run_id: int, location: Location, plan: ExportPlan,
+               settings: Settings) -> list[tuple[str, str]]:  # fmt: skip
+    """The resources the export's deleted[] files name; their unreadable parts become file problems."""
+    if not plan.deleted:
+        return []
+    found, problems = read_deletions(location, [f.name for f in plan.deleted], settings.max_resource_bytes)
+    if problems:
+        with conn, conn.cursor() as cur:
+            execute_values(cur, _INSERT_QUARANTINE, [
+                (run_id, name, line_no or None, "Bundle", None, "file", "invalid-deletion", problem, None, None)
+                for name, line_no, problem in problems
+            ])  # fmt: skip
+    return found
+
+
 def ingest(
     source: str, settings: Settings, *, url: str | None = None, progress: Progress | None = None
 ) -> IngestResult:
@@ -310,7 +326,7 @@ def ingest(
     started = time.perf_counter()
     location = open_location(source, settings)
     plan = plan_export(location, settings.max_resource_bytes)
-    if not plan.files and not plan.missing:
+    if not plan.files and not plan.missing and not plan.deleted and plan.manifest is None:
         refused = ""
         if plan.refused:
             first = plan.refused[0]
@@ -332,8 +348,9 @@ def ingest(
                             "UPDATE ops.ingest_run SET counts = counts || %s::jsonb WHERE run_id = %s",
                             (orjson.dumps({"manifest_mismatches": mismatches}).decode(), run_id),
                         )
+                deletions = _deletions(conn, run_id, location, plan, settings)
                 progress.phase("merging into the warehouse")
-                counts = commit_run(conn, run_id, keep_text_codes=settings.keep_text_codes)
+                counts = commit_run(conn, run_id, keep_text_codes=settings.keep_text_codes, deletions=deletions)
                 refresh_statistics(conn)
         except BaseException as exc:
             with contextlib.suppress(Exception):  # the database may be the problem; the next run cleans up

@@ -58,11 +58,15 @@ def _sources(url: str) -> set[str]:
 
 def new_exports(landing: str) -> list[str]:
     """The exports in the landing location not ingested yet: each top-level folder (or prefix) is one export, a
-    file directly in the landing location is one too. Sorted, so the oldest dated folder loads first."""
+    file directly in the landing location is one too. Sorted, so the oldest dated folder loads first. A folder
+    that ``odyssey-batch pull`` is still writing (it holds ``.odyssey-incomplete``) is left for a later run."""
+    from odyssey_batch.pull.landing import INCOMPLETE_MARKER
     from odyssey_batch.storage import open_location
 
     url, settings = context()
-    groups = sorted({f.name.split("/", 1)[0] for f in open_location(landing, settings).list_files()})
+    names = [f.name for f in open_location(landing, settings).list_files()]
+    incomplete = {n.split("/", 1)[0] for n in names if n.endswith("/" + INCOMPLETE_MARKER)}
+    groups = sorted({n.split("/", 1)[0] for n in names} - incomplete)
     done = _sources(url)
     base = landing.rstrip("/")
     return [source for source in (f"{base}/{g}" for g in groups) if source not in done]
@@ -82,6 +86,52 @@ def ingest_export(source: str) -> dict[str, Any]:
     keys = ("source", "run_id", "status", "records", "loaded", "normalized", "excluded", "excluded_reasons",
             "unchanged", "quarantined")  # fmt: skip
     return {k: data.get(k) for k in keys}
+
+
+def pull_export(connection: dict[str, Any], landing: str, since: str = "auto") -> dict[str, Any]:
+    """Pull one export from the FHIR server of ``connection`` (an Airflow connection's fields: ``host`` the base
+    URL, ``login`` the SMART client id, ``password`` the private key (PEM or JWK set) or the bearer token, ``extra``
+    {"auth", "group", "level", "types", "type_filters", "kid", "scope", "token_url", "method"}) into ``landing``.
+    A retry resumes the same export (``ops.bulk_pull``); a failed export, refused credentials or a server already
+    exporting for another pull are ``PermanentError``s, the latter two because a retry within minutes cannot fix
+    them."""
+    from odyssey_batch import redaction
+    from odyssey_batch.pull.auth import AuthError
+    from odyssey_batch.pull.client import ExportFailed
+    from odyssey_batch.pull.run import PullOptions, pull
+    from odyssey_batch.pull.state import PullBusy
+
+    url, settings = context()
+    extra = connection.get("extra") or {}
+    if isinstance(extra, str):
+        import json
+
+        extra = json.loads(extra) if extra.strip() else {}
+    secret = connection.get("password") or ""
+    redaction.remember_secrets(secret)
+    kind = extra.get("auth") or ("smart" if connection.get("login") else "bearer" if secret else "none")
+    settings = settings.with_overrides(
+        pull_auth=kind, pull_client_id=connection.get("login") or "",
+        pull_private_key=secret if kind == "smart" else "", pull_bearer_token=secret if kind == "bearer" else "",
+        pull_key_id=extra.get("kid", ""), pull_scope=extra.get("scope") or settings.pull_scope,
+        pull_token_url=extra.get("token_url", ""),
+    )  # fmt: skip
+    types = extra.get("types") or ()
+    if isinstance(types, str):
+        types = [t.strip() for t in types.split(",") if t.strip()]
+    group = extra.get("group", "")
+    options = PullOptions(
+        server=connection["host"], level=extra.get("level") or ("group" if group else "system"), group=group,
+        types=tuple(types), type_filters=tuple(extra.get("type_filters") or ()), since=since, to=landing,
+        method=extra.get("method", "auto"),
+    )  # fmt: skip
+    try:
+        result = pull(options, settings, url=url)
+    except (ExportFailed, AuthError, PullBusy) as exc:
+        raise PermanentError(str(exc)) from exc
+    keys = ("pull_id", "destination", "since", "transaction_time", "resumed", "files", "resources", "errors",
+            "deleted", "seconds")  # fmt: skip
+    return {k: result.as_dict()[k] for k in keys}
 
 
 def quality_gate() -> dict[str, Any]:
