@@ -8,9 +8,10 @@ from the last complete pull (``--since auto``), and lands it as a Bulk Data fold
 ``data_quality`` → ``build_sequences`` follow, as for ``fhir_ingest``).
 
 One export at a time per server: ``max_active_runs=1``, the pool ``fhir_export`` (create it with 1 slot:
-``airflow pools set fhir_export 1 "one Bulk Data export at a time"``; a missing pool falls back to Airflow's
-default), and the library's advisory lock per server URL. A retried ``pull`` resumes the same export (its status
-URL is in ``ops.bulk_pull``): exports that take days survive worker restarts. Thin over ``odyssey_batch``.
+``airflow pools set fhir_export 1 "one Bulk Data export at a time"``; without it the scheduler never runs ``pull``
+and the DAG shows a "non-existent pools" warning), and the library's advisory lock per server URL. A retried
+``pull`` resumes the same export (its status URL is in ``ops.bulk_pull``): exports that take days survive worker
+restarts. Thin over ``odyssey_batch``.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ def describe(dag_ids: list[str]) -> None:
                 "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None,
                 "upstream": sorted(t.upstream_task_ids),
                 "queue": t.queue,
+                "pool": t.pool,
             }
             for t in dag.tasks
         }

@@ -41,6 +41,7 @@ class Behaviour:
     hold: threading.Event = field(default_factory=threading.Event)  # set: the job may complete
     stall: set[str] = field(default_factory=set)
     release: threading.Event = field(default_factory=threading.Event)
+    transaction_time: str = "2026-12-05T02:00:00Z"  # the manifest's transactionTime
     # recorded
     kickoffs: list[str] = field(default_factory=list)
     polls: int = 0
@@ -165,7 +166,7 @@ class StrictBulkServer:
                         return self._outcome(503, "transient", "busy, try again", {"Retry-After": "0"})
                     base = server.base_url.removesuffix("/fhir") + "/files/"
                     manifest = {
-                        "transactionTime": "2026-12-05T02:00:00Z", "request": server.base_url + "/$export",
+                        "transactionTime": server.b.transaction_time, "request": server.base_url + "/$export",
                         "requiresAccessToken": False,
                         "output": [{**e, "url": base + e["url"]} for e in server.b.output],
                         "error": [{**e, "url": base + e["url"]} for e in server.b.error],

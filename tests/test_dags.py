@@ -54,6 +54,7 @@ def test_dags_import_fast_with_the_intended_structure(airflow_env):
     # the nightly pull: pull -> load, which publishes the same asset as fhir_ingest
     assert dags["fhir_export"]["schedule"] == "0 1 * * *"
     assert dags["fhir_export"]["tasks"]["load"]["upstream"] == ["pull"]
+    assert dags["fhir_export"]["tasks"]["pull"]["pool"] == "fhir_export"  # the scheduler needs it to exist
     assert dags["fhir_export"]["tasks"]["load"]["outlets"] == ["odyssey_ingested"]
     # schedules: weekly retraining with its params, nightly scoring at 02:00
     assert dags["retrain"]["schedule"] == "@weekly"
@@ -127,6 +128,94 @@ def test_a_rejected_export_produces_no_sequences_and_no_scores(airflow_env, pg_a
         assert scoring["state"] == "failed" and scoring["tasks"]["start"] == "failed"
         assert "no champion" in scoring["log"]
         assert run_sql(url, "SELECT count(*) FROM risk.score") == [(0,)]
+
+
+TINY = REPO / "odyssey_batch" / "examples" / "tiny_export"
+
+
+def _rsa_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()  # fmt: skip
+
+
+def test_fhir_export_pulls_loads_and_then_pulls_only_the_changes(airflow_env, pg_admin_url, template_db, tmp_path):
+    """fhir_export end to end against tests/strict_bulk_server.py on loopback (SMART Backend Services, 429 on the
+    first kick-off, a flaky token endpoint, HTTP-date Retry-After, a transient 503, gzip): the first run lands the
+    whole export and loads it; the second, ``--since auto``, asks for what changed since the first transactionTime
+    and loads only that (one updated Observation, one deleted Condition)."""
+    import datetime as dt
+    from functools import partial
+    from urllib.parse import parse_qs
+
+    from odyssey_batch.pull.landing import INCOMPLETE_MARKER
+    from tests.strict_bulk_server import Behaviour, StrictBulkServer
+
+    utc = partial(dt.datetime, tzinfo=dt.UTC)
+    types = ("Patient", "Encounter", "Condition", "Procedure", "Medication", "MedicationRequest", "Observation")
+    files = {f"{t}.ndjson": (TINY / f"{t}.ndjson").read_bytes() for t in types}
+    counts = {t: len(files[f"{t}.ndjson"].splitlines()) for t in types}
+    behaviour = Behaviour(files=files, output=[{"type": t, "url": f"{t}.ndjson", "count": counts[t]} for t in types])
+    behaviour.hold.set()
+    landing = tmp_path / "landing"
+    with StrictBulkServer(behaviour) as server, fresh_database(pg_admin_url, template_db) as url, \
+            pipeline_login(url) as (_, pipeline_url):  # fmt: skip
+        connection = {"conn_type": "http", "host": server.base_url, "login": "odyssey-batch",
+                      "password": _rsa_pem(), "extra": {"group": "nightly", "types": ",".join(types),
+                                                        "kid": "rs-1", "scope": "system/*.rs"}}  # fmt: skip
+        env = {**airflow_env, "ODYSSEY_DATABASE_URL": pipeline_url, "ODYSSEY_HOME": str(tmp_path / "home"),
+               "AIRFLOW_VAR_ODYSSEY_LANDING": str(landing), "AIRFLOW_CONN_FHIR_EXPORT": json.dumps(connection),
+               "ODYSSEY_PULL_MAX_WAIT_S": "0.5"}  # fmt: skip
+        first = run_dag("fhir_export", env)
+        assert first["state"] == "success" and first["tasks"] == {"pull": "success", "load": "success"}
+        assert first["asset_events"] == ["odyssey_ingested"]
+        assert "PRIVATE KEY" not in first["log"] and server.TOKEN_PREFIX not in first["log"]  # no key, no token
+        (folder,) = landing.iterdir()  # one complete Bulk Data folder, committed last
+        assert not (folder / INCOMPLETE_MARKER).exists()
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["transactionTime"] == "2026-12-05T02:00:00Z"
+        assert {e["type"]: e["count"] for e in manifest["output"]} == counts
+        kickoff = parse_qs(behaviour.kickoffs[-1])  # the 429 first, then accepted: one _type, no _since
+        assert len(behaviour.kickoffs) == 2 and kickoff["_type"] == [",".join(types)] and "_since" not in kickoff
+        assert run_sql(url, "SELECT status, counts->>'records', counts->>'quarantined' FROM ops.ingest_run") == [
+            ("succeeded", str(sum(counts.values())), "0")
+        ]
+        assert run_sql(url, "SELECT (SELECT count(*) FROM ehr.patient), (SELECT count(*) FROM ehr.condition), "
+                            "(SELECT count(*) FROM ehr.observation)") == [(3, 4, 10)]  # fmt: skip
+        assert run_sql(url, "SELECT status, scope, transaction_time = '2026-12-05T02:00:00Z', destination "
+                            "FROM ops.bulk_pull") == [("complete", "group/nightly", True, folder.name)]  # fmt: skip
+
+        # the next night: one Observation changed, one Condition deleted; --since auto asks only for those
+        observation = json.loads(files["Observation.ndjson"].splitlines()[0])
+        observation["meta"] = {"lastUpdated": "2026-12-05T12:00:00Z"}
+        observation["valueQuantity"]["value"] = 999.0
+        deleted = {"resourceType": "Bundle", "type": "transaction",
+                   "entry": [{"request": {"method": "DELETE", "url": "Condition/tiny-c1"}}]}  # fmt: skip
+        behaviour.files = {"obs.ndjson": json.dumps(observation).encode() + b"\n",
+                           "del.ndjson": json.dumps(deleted).encode() + b"\n"}  # fmt: skip
+        behaviour.output = [{"type": "Observation", "url": "obs.ndjson", "count": 1}]
+        behaviour.deleted = [{"type": "Bundle", "url": "del.ndjson"}]
+        behaviour.transaction_time = "2026-12-06T02:00:00Z"
+        second = run_dag("fhir_export", env)
+        assert second["state"] == "success" and second["asset_events"] == ["odyssey_ingested"]
+        since = parse_qs(behaviour.kickoffs[-1])["_since"]
+        assert len(behaviour.kickoffs) == 3 and since == ["2026-12-05T02:00:00.000Z"]  # the first transactionTime
+        (newer,) = set(landing.iterdir()) - {folder}
+        assert not (newer / INCOMPLETE_MARKER).exists()
+        runs = run_sql(url, "SELECT status, counts->>'records', counts->>'updated', counts->>'inserted', "
+                            "counts->>'deleted' FROM ops.ingest_run ORDER BY run_id")  # fmt: skip
+        assert runs[1] == ("succeeded", "1", "1", "0", "1")
+        assert run_sql(url, "SELECT value_num FROM ehr.observation WHERE observation_id = %s",
+                       (observation["id"],)) == [(999.0,)]  # fmt: skip
+        assert run_sql(url, "SELECT (SELECT count(*) FROM ehr.patient), (SELECT count(*) FROM ehr.condition), "
+                            "(SELECT count(*) FROM ehr.observation)") == [(3, 3, 10)]  # fmt: skip
+        pulls = run_sql(url, "SELECT status, since, transaction_time FROM ops.bulk_pull ORDER BY pull_id")
+        first_time, second_time = utc(2026, 12, 5, 2), utc(2026, 12, 6, 2)
+        assert pulls == [("complete", None, first_time), ("complete", first_time, second_time)]
+        assert behaviour.deletes == 2  # each finished job's status URL was released
 
 
 def test_dag_files_stay_thin():
