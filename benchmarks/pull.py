@@ -2,9 +2,10 @@
 
     python -m benchmarks.pull [--source ../shared/data/fhir-large/synthea-smart-r4-ndjson] [--patients 615]
 
-Starts sekmet-fhir (the dev extra's test FHIR server) on loopback in a temporary folder, open (no auth), loads the
-first ``--patients`` patients of the source with every resource that points at them (transaction Bundles of PUTs,
-ids kept; the time is reported, not counted), then in fresh, migrated databases:
+Starts sekmet-fhir (the dev extra's test FHIR server, through ``tests/fhir_server.py``) on loopback in a
+temporary folder, open (no auth), loads the first ``--patients`` patients of the source with every resource that
+points at them (transaction Bundles of PUTs, ids kept; the time is reported, not counted), then in fresh, migrated
+databases:
 
 - ``pull``: ``odyssey-batch pull`` (kick-off, polling, 4 parallel downloads into a landing folder) and ``ingest``
   of the landed folder: resources/s end to end, and each part;
@@ -19,13 +20,8 @@ last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,49 +33,7 @@ from odyssey_batch.ingest import ingest
 from odyssey_batch.pull.run import PullOptions, pull
 from odyssey_batch.settings import Settings
 from odyssey_batch.warehouse import embedded, upgrade, with_database
-
-
-def _resources(source: Path, patients: int) -> list[dict]:
-    with gzip.open(source / "Patient.ndjson.gz", "rt") as fh:
-        ids = {json.loads(line)["id"] for _, line in zip(range(patients), fh, strict=False)}
-    chosen = []
-    for path in sorted(source.glob("*.ndjson.gz")):
-        with gzip.open(path, "rt") as fh:
-            for line in fh:
-                resource = json.loads(line)
-                ref = (resource.get("subject") or resource.get("patient") or {}).get("reference", "")
-                if (resource["resourceType"] == "Patient" and resource["id"] in ids) or ref.removeprefix(
-                    "Patient/"
-                ) in ids:
-                    chosen.append(resource)
-    return chosen
-
-
-def _serve(folder: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}/fhir"
-    settings = {"base_url": base, "data_dir": str(folder / "data"), "log_inbound": False,
-                "simulator": {"enabled": False, "delay_seconds": 0.5}, "validation": {"inbound": "off"},
-                "server_auth": {"types": ["none"]}}  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "settings.yaml").write_text(json.dumps(settings))
-    env = {**os.environ, "SEKMET_BASE_URL": base, "SEKMET_CONFIG": str(folder / "settings.yaml")}
-    binary = Path(sys.executable).parent / "sekmet"
-    command = [str(binary), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/metadata", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise RuntimeError("sekmet did not start")
-        time.sleep(0.2)
+from tests.fhir_server import patient_resources, sekmet_process, transaction_bundle
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,47 +41,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--patients", type=int, default=615)
     args = parser.parse_args(argv)
-    resources = _resources(args.source.resolve(), args.patients)
+    resources, _ = patient_resources(args.source.resolve(), args.patients)
     work = Path(tempfile.mkdtemp(prefix="bench-pull-"))
     admin = os.environ.get("ODYSSEY_BENCH_DATABASE_URL") or os.environ.get("ODYSSEY_TEST_DATABASE_URL")
     pg_settings = Settings(home=work / "pg")
     if not admin:
         admin = with_database(embedded.start(pg_settings), "postgres")
     settings = Settings(home=work / "home", ingest_workers=0)
-    process, base = _serve(work / "server")
+    server_settings = {"data_dir": str(work / "server" / "data"), "log_inbound": False,
+                       "simulator": {"enabled": False, "delay_seconds": 0.5}, "validation": {"inbound": "off"},
+                       "server_auth": {"types": ["none"]}}  # fmt: skip
     try:
-        started = time.perf_counter()
-        for at in range(0, len(resources), 2000):
-            entries = [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-                       for r in resources[at : at + 2000]]  # fmt: skip
-            response = httpx.post(base, json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
-                                  timeout=600)  # fmt: skip
-            response.raise_for_status()
-        load_s = time.perf_counter() - started
-        folder = work / "folder"
-        folder.mkdir()
-        by_type: dict[str, list[str]] = {}
-        for r in resources:
-            by_type.setdefault(r["resourceType"], []).append(json.dumps(r))
-        for resource_type, lines in by_type.items():
-            (folder / f"{resource_type}.ndjson").write_text("\n".join(lines) + "\n")
-        with FreshDatabase(admin) as url:
-            upgrade(url)
+        with sekmet_process(work / "server", server_settings) as base:
             started = time.perf_counter()
-            result = pull(PullOptions(server=base, to=str(work / "landing")), settings, url=url)
-            pull_s = time.perf_counter() - started
-            loaded = ingest(result.destination, settings, url=url)
-            total_s = time.perf_counter() - started
-            changed = next(r for r in resources if r["resourceType"] == "Observation" and "valueQuantity" in r)
-            changed = {**changed, "valueQuantity": {**changed["valueQuantity"], "value": 12345.0}}
-            httpx.put(f"{base}/Observation/{changed['id']}", json=changed, timeout=60).raise_for_status()
-            incremental = pull(PullOptions(server=base, to=str(work / "landing")), settings, url=url)
-        with FreshDatabase(admin) as url:
-            upgrade(url)
-            direct = ingest(str(folder), settings, url=url)
+            for at in range(0, len(resources), 2000):
+                response = httpx.post(base, json=transaction_bundle(resources[at : at + 2000]), timeout=600)
+                response.raise_for_status()
+            load_s = time.perf_counter() - started
+            folder = work / "folder"
+            folder.mkdir()
+            by_type: dict[str, list[str]] = {}
+            for r in resources:
+                by_type.setdefault(r["resourceType"], []).append(json.dumps(r))
+            for resource_type, lines in by_type.items():
+                (folder / f"{resource_type}.ndjson").write_text("\n".join(lines) + "\n")
+            with FreshDatabase(admin) as url:
+                upgrade(url)
+                started = time.perf_counter()
+                result = pull(PullOptions(server=base, to=str(work / "landing")), settings, url=url)
+                pull_s = time.perf_counter() - started
+                loaded = ingest(result.destination, settings, url=url)
+                total_s = time.perf_counter() - started
+                changed = next(r for r in resources if r["resourceType"] == "Observation" and "valueQuantity" in r)
+                changed = {**changed, "valueQuantity": {**changed["valueQuantity"], "value": 12345.0}}
+                httpx.put(f"{base}/Observation/{changed['id']}", json=changed, timeout=60).raise_for_status()
+                incremental = pull(PullOptions(server=base, to=str(work / "landing")), settings, url=url)
+            with FreshDatabase(admin) as url:
+                upgrade(url)
+                direct = ingest(str(folder), settings, url=url)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
         if not os.environ.get("ODYSSEY_BENCH_DATABASE_URL") and not os.environ.get("ODYSSEY_TEST_DATABASE_URL"):
             embedded.stop(pg_settings)
     n = len(resources)

@@ -69,13 +69,12 @@ def _keys(folder: Path) -> tuple[str, str, str, dict, dict]:
     return pem(rsa_key), json.dumps({"keys": [ec_private]}), pem(other), rsa_public, ec_public
 
 
-def synthea_bundle(shared: Path, patients: int) -> tuple[dict, list[str]]:
-    """A transaction Bundle (PUT, ids kept) of the first ``patients`` patients and every resource of theirs."""
-    source = shared / SYNTHEA
+def patient_resources(source: Path, patients: int) -> tuple[list[dict], list[str]]:
+    """The first ``patients`` patients of the NDJSON export in ``source`` and every resource whose subject or
+    patient is one of them (files in name order), with those patients' ids, sorted."""
     with gzip.open(source / "Patient.ndjson.gz", "rt") as fh:
-        chosen = [json.loads(line) for _, line in zip(range(patients), fh, strict=False)]
-    ids = {p["id"] for p in chosen}
-    entries = []
+        ids = {json.loads(line)["id"] for _, line in zip(range(patients), fh, strict=False)}
+    chosen = []
     for path in sorted(source.glob("*.ndjson.gz")):
         with gzip.open(path, "rt") as fh:
             for line in fh:
@@ -84,30 +83,32 @@ def synthea_bundle(shared: Path, patients: int) -> tuple[dict, list[str]]:
                 if (resource["resourceType"] == "Patient" and resource["id"] in ids) or ref.removeprefix(
                     "Patient/"
                 ) in ids:
-                    url = f"{resource['resourceType']}/{resource['id']}"
-                    entries.append({"resource": resource, "request": {"method": "PUT", "url": url}})
-    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}, sorted(ids)
+                    chosen.append(resource)
+    return chosen, sorted(ids)
+
+
+def transaction_bundle(resources: list[dict]) -> dict:
+    """A transaction Bundle that PUTs ``resources`` (ids kept)."""
+    entries = [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+               for r in resources]  # fmt: skip
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def synthea_bundle(shared: Path, patients: int) -> tuple[dict, list[str]]:
+    """A transaction Bundle (PUT, ids kept) of the first ``patients`` patients and every resource of theirs."""
+    resources, ids = patient_resources(shared / SYNTHEA, patients)
+    return transaction_bundle(resources), ids
 
 
 @contextmanager
-def sekmet(folder: Path, shared: Path, patients: int = 12, token_lifetime: int = 300) -> Iterator[FhirServer]:
+def sekmet_process(folder: Path, settings: dict) -> Iterator[str]:
+    """``sekmet serve`` on a free loopback port with ``settings`` (``base_url``, ``port`` and ``host`` are set
+    here), in ``folder`` (its log: ``sekmet.log``); yields the FHIR base URL once the server answers, and kills it
+    afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}/fhir"
-    rsa_pem, ec_jwks, other_pem, rsa_public, ec_public = _keys(folder)
-    settings = {
-        "base_url": base, "host": "127.0.0.1", "port": port, "data_dir": str(folder / "data"),
-        "log_inbound": False,
-        "simulator": {"enabled": False, "delay_seconds": 0.5},
-        "validation": {"inbound": "off"},
-        "server_auth": {
-            "types": ["smart"], "token_lifetime": token_lifetime, "enforce_scopes": True,
-            "smart_clients": [
-                {"client_id": "odyssey-rs", "jwks": {"keys": [rsa_public]}, "scopes": "system/*.rs system/*.cruds"},
-                {"client_id": "odyssey-es", "jwks": {"keys": [ec_public]}, "scopes": "system/*.rs"},
-            ],
-        },
-    }  # fmt: skip
+    settings = {**settings, "base_url": base, "host": "127.0.0.1", "port": port}
     (folder / "settings.yaml").write_text(json.dumps(settings))  # JSON is YAML
     env = {**os.environ, "SEKMET_BASE_URL": base, "SEKMET_CONFIG": str(folder / "settings.yaml")}
     log = (folder / "sekmet.log").open("wb")
@@ -121,22 +122,43 @@ def sekmet(folder: Path, shared: Path, patients: int = 12, token_lifetime: int =
             if process.poll() is not None:
                 raise RuntimeError(f"sekmet exited: {(folder / 'sekmet.log').read_text()[-2000:]}")
             try:
-                if httpx.get(f"{base}/.well-known/smart-configuration", timeout=2).status_code == 200:
-                    break
+                httpx.get(f"{base}/metadata", timeout=2)  # any answer: the app has started
+                break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError("sekmet did not start within 60 s")
             time.sleep(0.2)
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        log.close()
+
+
+@contextmanager
+def sekmet(folder: Path, shared: Path, patients: int = 12, token_lifetime: int = 300) -> Iterator[FhirServer]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rsa_pem, ec_jwks, other_pem, rsa_public, ec_public = _keys(folder)
+    settings = {
+        "data_dir": str(folder / "data"),
+        "log_inbound": False,
+        "simulator": {"enabled": False, "delay_seconds": 0.5},
+        "validation": {"inbound": "off"},
+        "server_auth": {
+            "types": ["smart"], "token_lifetime": token_lifetime, "enforce_scopes": True,
+            "smart_clients": [
+                {"client_id": "odyssey-rs", "jwks": {"keys": [rsa_public]}, "scopes": "system/*.rs system/*.cruds"},
+                {"client_id": "odyssey-es", "jwks": {"keys": [ec_public]}, "scopes": "system/*.rs"},
+            ],
+        },
+    }  # fmt: skip
+    with sekmet_process(folder, settings) as base:
         bundle, ids = synthea_bundle(shared, patients)
         server = FhirServer(base, folder, rsa_pem, ec_jwks, other_pem, ids)
         response = httpx.post(base, json=bundle, headers=admin_headers(server), timeout=300)
         assert response.status_code == 200, response.text[:500]
         yield server
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        log.close()
 
 
 def admin_headers(server: FhirServer) -> dict[str, str]:
